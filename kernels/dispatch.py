@@ -1,0 +1,102 @@
+"""Which implementation an op runs: its Triton kernel or its torch reference.
+
+The requested backend is one of `auto | triton | torch`, taken from the first of these that is set:
+  1. `use_backend(name)`: a context manager, for a test or a benchmark that must pin one path;
+  2. the environment variable MERV_FAST_KERNELS, read at call time;
+  3. `set_backend(name)`: the configured default (the model config's `kernels` field), "auto" until set.
+
+`resolve_backend(*tensors)` turns the request into what runs for these tensors:
+  auto   -> triton for CUDA tensors when triton imports; torch for CPU tensors, unless TRITON_INTERPRET=1 is set
+            (then Triton's interpreter runs the kernels on CPU, which is how CPU-only CI tests them);
+  triton -> triton, or a BackendError saying why it cannot run (no triton package, CPU tensors without the
+            interpreter);
+  torch  -> torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+from collections.abc import Iterator
+
+import torch
+
+BACKENDS = ("auto", "triton", "torch")
+ENV_VAR = "MERV_FAST_KERNELS"
+
+_configured = "auto"
+# A ContextVar rather than a global so that a `use_backend` in one thread (a data loader, say) stays in that thread.
+_pinned: contextvars.ContextVar[str | None] = contextvars.ContextVar("merv_fast_kernels_pinned", default=None)
+
+
+class BackendError(RuntimeError):
+    """The requested kernel backend cannot run here; the message says why and what to do."""
+
+
+def _checked(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source}: kernel backend {name!r} is not one of {list(BACKENDS)}")
+    return name
+
+
+def set_backend(name: str) -> None:
+    """Set the configured default backend (below `use_backend` and MERV_FAST_KERNELS in precedence)."""
+    global _configured
+    _configured = _checked(name, "set_backend")
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Pin the backend inside the block, over MERV_FAST_KERNELS and the configured default."""
+    token = _pinned.set(_checked(name, "use_backend"))
+    try:
+        yield
+    finally:
+        _pinned.reset(token)
+
+
+def requested_backend() -> tuple[str, str]:
+    """(backend, where the request came from): the request before looking at any tensor."""
+    pinned = _pinned.get()
+    if pinned is not None:
+        return pinned, "use_backend()"
+    from_env = os.environ.get(ENV_VAR, "").strip().lower()
+    if from_env:
+        return _checked(from_env, ENV_VAR), ENV_VAR
+    return _configured, "the configured default"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> tuple[bool, str]:
+    """(True, "triton 3.6.0") when triton imports, else (False, why). Checked once per process."""
+    try:
+        import triton
+    except Exception as err:  # a triton built for another torch/CUDA can fail with more than ImportError
+        return False, f"the 'triton' package cannot be imported ({type(err).__name__}: {err})"
+    return True, f"triton {triton.__version__}"
+
+
+def interpreter_enabled() -> bool:
+    """Triton's own switch: with TRITON_INTERPRET=1 its kernels run in a NumPy interpreter on CPU tensors."""
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+def resolve_backend(*tensors: torch.Tensor) -> str:
+    """'triton' or 'torch' for an op on these tensors (see the module docstring). No tensors counts as CPU."""
+    name, source = requested_backend()
+    if name == "torch":
+        return "torch"
+    real = [t for t in tensors if isinstance(t, torch.Tensor)]  # callers may pass optional tensors as None
+    on_cuda = bool(real) and all(t.is_cuda for t in real)
+    have_triton, triton_why = triton_available()
+    if name == "auto":
+        return "triton" if have_triton and (on_cuda or interpreter_enabled()) else "torch"
+    if not have_triton:
+        raise BackendError(f"kernel backend 'triton' was requested ({source}) but {triton_why}; "
+                           f"install triton or request the 'torch' backend")
+    if not on_cuda and not interpreter_enabled():
+        raise BackendError(f"kernel backend 'triton' was requested ({source}) for CPU tensors; Triton kernels run "
+                           f"on CUDA tensors, or on CPU with TRITON_INTERPRET=1 (Triton's interpreter)")
+    return "triton"

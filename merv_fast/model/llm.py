@@ -1,0 +1,147 @@
+"""The language model: building it (random or from a local checkpoint), its tokenizer, and visual-token splicing.
+
+Follows the release's LLM backbone: a pad token `<PAD>` is added to the tokenizer and the embedding table (and the
+untied LM head) is resized to `len(tokenizer)` rounded up to a multiple of 64 (Llama-2: 32000 + 1 -> 32064), the
+new rows drawn from N(0, initializer_range) as transformers 4.44 (the release's pin) did.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from merv_fast.config import LLMConfig
+
+IGNORE_INDEX = -100
+PAD_TOKEN = "<PAD>"
+
+
+def llama_config(cfg: LLMConfig):
+    """A `LlamaConfig` with `cfg`'s sizes and the padded vocabulary."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=cfg.padded_vocab_size,
+        hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        max_position_embeddings=cfg.max_position_embeddings,
+        rope_theta=cfg.rope_theta,
+        rms_norm_eps=cfg.rms_norm_eps,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        use_cache=False,  # training default, as in the release; generation turns it back on
+        attn_implementation="sdpa",
+    )
+
+
+def _check_weights_dir(path: str) -> Path:
+    directory = Path(path)
+    if not directory.is_dir():
+        raise ValueError(f"LLM weights directory {str(directory)!r} does not exist")
+    if not (directory / "config.json").is_file():
+        raise ValueError(f"LLM weights directory {str(directory)!r} has no config.json")
+    return directory
+
+
+def build_llm(cfg: LLMConfig):
+    """A causal LM: random Llama from `cfg`'s sizes when `cfg.weights` is None, else loaded from that local directory.
+
+    Builds under any device context (`with torch.device("meta")` allocates nothing). A loaded checkpoint is resized
+    to `cfg.padded_vocab_size` when smaller; every weight must come from the checkpoint (never silently random).
+    """
+    if cfg.weights is None:
+        from transformers import LlamaForCausalLM
+
+        model = LlamaForCausalLM(llama_config(cfg))
+        if cfg.add_pad_token:
+            model.config.pad_token_id = cfg.vocab_size  # the id `<PAD>` gets when added to a `vocab_size` tokenizer
+        return model
+
+    from transformers import AutoModelForCausalLM
+
+    directory = _check_weights_dir(cfg.weights)
+    try:
+        model, info = AutoModelForCausalLM.from_pretrained(
+            str(directory), local_files_only=True, attn_implementation="sdpa", output_loading_info=True)
+    except OSError as err:  # e.g. config.json present but no weight files
+        raise ValueError(f"cannot load LLM weights from {str(directory)!r}: {err}") from err
+    if info.get("missing_keys"):
+        raise ValueError(f"LLM checkpoint {str(directory)!r} lacks weights {sorted(info['missing_keys'])[:8]}; "
+                         "refusing to train from randomly initialised ones")
+    resize_embeddings(model, cfg)
+    model.config.use_cache = False
+    return model
+
+
+def resize_embeddings(model, cfg: LLMConfig) -> None:
+    """Grow the input and output embeddings to `cfg.padded_vocab_size`, like the release's `resize_token_embeddings(
+    len(tokenizer), pad_to_multiple_of=64)`; a checkpoint with more rows than that means `cfg.vocab_size` is wrong."""
+    rows = model.get_input_embeddings().weight.shape[0]
+    target = cfg.padded_vocab_size
+    if rows > target:
+        raise ValueError(f"checkpoint has {rows} embedding rows but llm.vocab_size={cfg.vocab_size} pads to only "
+                         f"{target}; set llm.vocab_size to the tokenizer's size")
+    if rows < target:
+        # mean_resizing=False: new rows ~ N(0, initializer_range), the release's (transformers 4.44) behaviour.
+        model.resize_token_embeddings(target, mean_resizing=False)
+    if cfg.add_pad_token:
+        model.config.pad_token_id = cfg.vocab_size
+
+
+def add_pad_token(tokenizer) -> int:
+    """Add `<PAD>` as the pad token (the release's Llama-2/Llama-3 handling); returns its id."""
+    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+    return tokenizer.pad_token_id
+
+
+def build_tokenizer(cfg: LLMConfig):
+    """The tokenizer from `cfg.weights` (a local directory), with the pad token added; None without weights.
+
+    Right padding and `model_max_length = cfg.max_text_tokens`, as the release. Formats that add no pad token fall
+    back to EOS when the tokenizer has none: padded positions are never attended or supervised, so the id is moot.
+    """
+    if cfg.weights is None:
+        return None
+    from transformers import AutoTokenizer
+
+    directory = _check_weights_dir(cfg.weights)
+    tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
+                                              model_max_length=cfg.max_text_tokens, padding_side="right")
+    if cfg.add_pad_token:
+        add_pad_token(tokenizer)
+    elif tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if len(tokenizer) > cfg.padded_vocab_size:
+        raise ValueError(f"tokenizer in {str(directory)!r} has {len(tokenizer)} tokens, more than the "
+                         f"{cfg.padded_vocab_size} embedding rows")
+    return tokenizer
+
+
+def splice_visual_tokens(text_embeds: torch.Tensor, attention_mask: torch.Tensor | None,
+                         labels: torch.Tensor | None, visual: torch.Tensor, prefix_length: int = 1):
+    """Insert `visual` [B, V, D] after the first `prefix_length` text positions of `text_embeds` [B, S, D].
+
+    The release puts the visual tokens right after BOS (`prefix_length=1`; 0 for tokenizers without BOS, e.g.
+    Qwen2.5). The visual positions get attention-mask 1 and label IGNORE_INDEX. Returns (embeds [B, S+V, D],
+    mask [B, S+V] or None, labels [B, S+V] or None).
+    """
+    batch, length, dim = text_embeds.shape
+    if visual.dim() != 3 or visual.shape[0] != batch or visual.shape[2] != dim:
+        raise ValueError(f"visual tokens {tuple(visual.shape)} do not match text embeddings {tuple(text_embeds.shape)}")
+    if not 0 <= prefix_length <= length:
+        raise ValueError(f"prefix_length {prefix_length} outside 0..{length}")
+    num_visual = visual.shape[1]
+    p = prefix_length
+    embeds = torch.cat([text_embeds[:, :p], visual, text_embeds[:, p:]], dim=1)
+    if attention_mask is not None:
+        ones = attention_mask.new_ones(batch, num_visual)
+        attention_mask = torch.cat([attention_mask[:, :p], ones, attention_mask[:, p:]], dim=1)
+    if labels is not None:
+        ignored = labels.new_full((batch, num_visual), IGNORE_INDEX)
+        labels = torch.cat([labels[:, :p], ignored, labels[:, p:]], dim=1)
+    return embeds, attention_mask, labels

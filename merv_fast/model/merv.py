@@ -1,0 +1,119 @@
+"""MERV assembled: frozen encoders -> visual path -> LLM. `build_model` is the package's front door."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from merv_fast.config import ModelConfig, apply_overrides, get_preset
+from merv_fast.model.encoders import build_encoder
+from merv_fast.model.llm import build_llm, splice_visual_tokens
+from merv_fast.model.visual import VisualPath
+
+
+def is_per_frame(enc_cfg) -> bool:
+    """Encoders that see each frame on its own (no tubelets, no temporal attention): DINOv2, SigLIP."""
+    return enc_cfg.tubelet == 1 and enc_cfg.clip_frames == 0
+
+
+class MERV(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.encoders = nn.ModuleDict({e.name: build_encoder(e) for e in cfg.encoders})
+        self.encoders.requires_grad_(False)
+        self.llm = build_llm(cfg.llm)
+        self.visual = VisualPath(cfg, llm_dim=self.llm.config.hidden_size)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def pool_size(self) -> tuple[int, int, int]:
+        return self.visual.pool_size
+
+    @property
+    def num_visual_tokens(self) -> int:
+        return self.config.visual.num_tokens
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.encoders.eval()  # frozen: dropout and friends stay off whatever the trainer asks
+        return self
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ stages
+    @torch.no_grad()
+    def encode(self, pixels: list[torch.Tensor], is_image: bool = False) -> list[torch.Tensor]:
+        """Per-encoder inputs [B, T_e, 3, S, S] -> features [B, T_out, N, C], under no_grad (not inference_mode:
+        the projectors save these tensors for backward).
+
+        An image is a static video. For the per-frame encoders, encoding one frame and tiling its features is exact,
+        so they do that; the video encoders still see every repeated frame (each time step gets its own embedding).
+        """
+        if len(pixels) != len(self.encoders):
+            raise ValueError(f"expected inputs for {len(self.encoders)} encoders {list(self.encoders)}, got {len(pixels)}")
+        features = []
+        for (name, encoder), px in zip(self.encoders.items(), pixels):
+            if is_image and is_per_frame(encoder.config):
+                one = encoder(px[:, :1])
+                features.append(one.expand(-1, px.shape[1], -1, -1))
+            else:
+                features.append(encoder(px))
+        return features
+
+    def visual_tokens(self, features: list[torch.Tensor], grids: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        """Encoder features (one [B, T_e, N_e, C_e] per encoder, preset order) -> [B, T'*H'*W', D_llm]."""
+        return self.visual(features, grids)
+
+    def language_model_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                               labels: torch.Tensor | None = None, visual: torch.Tensor | None = None,
+                               **llm_kwargs: Any):
+        """The LLM on text, with `visual` tokens [B, V, D] spliced in right after BOS when given."""
+        embeds = self.llm.get_input_embeddings()(input_ids)
+        if visual is not None:
+            prefix = 1 if self.config.llm.has_bos else 0
+            embeds, attention_mask, labels = splice_visual_tokens(embeds, attention_mask, labels,
+                                                                  visual.to(embeds.dtype), prefix_length=prefix)
+        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **llm_kwargs)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, pixels: list[torch.Tensor] | None = None,
+                features: list[torch.Tensor] | None = None, is_image: bool = False, **llm_kwargs: Any):
+        """Text-only when neither `pixels` nor `features` is given; else encoders -> visual path -> LLM."""
+        if features is None and pixels is not None:
+            features = self.encode(pixels, is_image=is_image)
+        visual = self.visual_tokens(features) if features is not None else None
+        return self.language_model_forward(input_ids, attention_mask, labels, visual, **llm_kwargs)
+
+    # ------------------------------------------------------------------ release checkpoints
+    def release_state_dict(self) -> dict[str, torch.Tensor]:
+        from merv_fast.model.release import to_release_state_dict
+
+        return to_release_state_dict(self)
+
+    def load_release_state_dict(self, state_dict: dict[str, Any], source: str = "<state dict>") -> None:
+        from merv_fast.model.release import load_release_state_dict
+
+        load_release_state_dict(self, state_dict, source=source)
+
+
+def build_model(preset: str = "tiny", *, config: ModelConfig | None = None, device: str | torch.device | None = None,
+                encoder_dtype: torch.dtype | None = None, **overrides: Any) -> MERV:
+    """Build MERV from a preset (or a ready `config`) plus dotted overrides (`llm__num_layers=4` or
+    `**{"llm.num_layers": 4}`). Random init unless weights are configured. `device="meta"` builds without memory.
+
+    Frozen encoders are cast to `encoder_dtype` (default: bf16 on CUDA, the model's dtype elsewhere).
+    """
+    cfg = apply_overrides(config if config is not None else get_preset(preset), overrides)
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    with device:
+        model = MERV(cfg)
+    if encoder_dtype is None and device.type == "cuda":
+        encoder_dtype = torch.bfloat16
+    if encoder_dtype is not None:
+        model.encoders.to(encoder_dtype)
+    model.train()
+    return model

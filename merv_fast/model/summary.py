@@ -1,0 +1,46 @@
+"""What `merv-fast info` prints: parameters per module (trainable vs frozen), visual tokens, FLOPs per sample."""
+
+from __future__ import annotations
+
+from merv_fast.model.flops import sample_flops
+
+
+def _count(module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
+    return trainable, frozen
+
+
+def model_summary(model, text_tokens: int = 128) -> dict:
+    cfg = model.config
+    flops = sample_flops(cfg, text_tokens)
+    modules = {}
+    for name, enc in model.encoders.items():
+        t, f = _count(enc)
+        modules[f"encoder.{name}"] = {"trainable": t, "frozen": f, "flops_per_sample": flops.encoders[name],
+                                      "layers_run": enc.config.layers_run, "of_layers": enc.config.num_layers}
+    t, f = _count(model.visual)
+    modules["visual (projectors + fusion)"] = {"trainable": t, "frozen": f, "flops_per_sample": flops.visual}
+    t, f = _count(model.llm)
+    modules["llm"] = {"trainable": t, "frozen": f, "flops_per_sample": flops.llm}
+    return {
+        "preset": cfg.name,
+        "visual_tokens": cfg.visual.num_tokens,
+        "pool_size": list(cfg.visual.pool_size),
+        "text_tokens_assumed": text_tokens,
+        "modules": modules,
+        "total_trainable": sum(m["trainable"] for m in modules.values()),
+        "total_frozen": sum(m["frozen"] for m in modules.values()),
+        "flops_per_sample": flops.total,
+    }
+
+
+def format_summary(s: dict) -> str:
+    lines = [f"preset {s['preset']}: {s['visual_tokens']} visual tokens (pool {'x'.join(map(str, s['pool_size']))}), "
+             f"FLOPs per video sample with {s['text_tokens_assumed']} text tokens (training step)",
+             f"{'module':32}{'trainable':>16}{'frozen':>16}{'TFLOP/sample':>14}"]
+    for name, m in s["modules"].items():
+        note = f"  ({m['layers_run']} of {m['of_layers']} layers)" if "layers_run" in m else ""
+        lines.append(f"{name:32}{m['trainable']:>16,}{m['frozen']:>16,}{m['flops_per_sample'] / 1e12:>14.4f}{note}")
+    lines.append(f"{'total':32}{s['total_trainable']:>16,}{s['total_frozen']:>16,}{s['flops_per_sample'] / 1e12:>14.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,75 @@
+"""The visual path between the frozen encoders and the LLM: pooling -> projection -> fusion (spec sections 3-4)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from merv_fast.config import ModelConfig
+from merv_fast.kernels.pooling import pool, square_grid
+from merv_fast.kernels.project_fuse import FusionWeights, project_fuse
+
+
+class CrossAttentionFusion(nn.Module):
+    """The release's `cross_attention_avg_lq` parameters, named as its `nn.MultiheadAttention` names them.
+
+    Only the query, the query/key projections and their biases reach the output. The value and output projections
+    are kept so release checkpoints load and export unchanged, but they are frozen and never computed (in the
+    release they are computed, thrown away, and so never receive a gradient either).
+    """
+
+    def __init__(self, embed_dim: int, key_dim: int):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.query = nn.Parameter(torch.empty(1, embed_dim))
+        self.attention = nn.Module()
+        self.attention.q_proj_weight = nn.Parameter(torch.empty(embed_dim, embed_dim))
+        self.attention.k_proj_weight = nn.Parameter(torch.empty(embed_dim, key_dim))
+        self.attention.v_proj_weight = nn.Parameter(torch.empty(embed_dim, key_dim), requires_grad=False)
+        self.attention.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim))
+        self.attention.out_proj = nn.Linear(embed_dim, embed_dim)
+        self.attention.out_proj.requires_grad_(False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.query.is_meta:
+            return
+        a = self.attention
+        for p in (self.query, a.q_proj_weight, a.k_proj_weight, a.v_proj_weight):
+            nn.init.xavier_uniform_(p)
+        nn.init.zeros_(a.in_proj_bias)
+        nn.init.zeros_(a.out_proj.bias)
+
+    def weights(self) -> FusionWeights:
+        e, bias = self.embed_dim, self.attention.in_proj_bias
+        return FusionWeights(self.query, self.attention.q_proj_weight, bias[:e],
+                             self.attention.k_proj_weight, bias[e:2 * e])
+
+
+class VisualPath(nn.Module):
+    """Encoder features (one [B, T_e, N_e, C_e] tensor per encoder) -> [B, T'*H'*W', D_llm] visual tokens."""
+
+    def __init__(self, cfg: ModelConfig, llm_dim: int):
+        super().__init__()
+        self.encoder_names = [e.name for e in cfg.encoders]
+        self.pool_size = tuple(cfg.visual.pool_size)
+        self.projectors = nn.ModuleList(nn.Linear(e.hidden_size, llm_dim) for e in cfg.encoders)
+        self.fusion = CrossAttentionFusion(cfg.visual.fusion_embed_dim, llm_dim) if len(cfg.encoders) > 1 else None
+
+    def pool(self, features: list[torch.Tensor], grids: list[tuple[int, int]] | None = None) -> list[torch.Tensor]:
+        if len(features) != len(self.projectors):
+            raise ValueError(f"expected features from {len(self.projectors)} encoders {self.encoder_names}, "
+                             f"got {len(features)}")
+        grids = grids or [square_grid(f.shape[2]) for f in features]
+        return [pool(f, tuple(g), self.pool_size) for f, g in zip(features, grids)]
+
+    def forward(self, features: list[torch.Tensor], grids: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        tokens, _ = self.forward_with_mix(features, grids)
+        return tokens
+
+    def forward_with_mix(self, features, grids=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Also returns the fusion's per-(sample, encoder) weights [B, E], for inspection and tests."""
+        dtype = self.projectors[0].weight.dtype
+        pooled = [p.to(dtype) for p in self.pool(features, grids)]
+        return project_fuse(pooled, [p.weight for p in self.projectors], [p.bias for p in self.projectors],
+                            self.fusion.weights() if self.fusion is not None else None)

@@ -1,0 +1,182 @@
+"""`merv-fast bench`, first version: real training steps of MERV and of its single-encoder baseline on the same
+synthetic data, side by side in one run. The trainer and data issues replace the step and the data behind it.
+
+Each step: preprocess frames (data), frozen encoders under no_grad, pooling + projection + fusion, LLM forward with
+the loss, backward, clipped AdamW update. Reported per model: samples/s, tokens/s, step time, the phase breakdown,
+peak memory, and MFU on GPU; plus the MERV/baseline step-time ratio.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from merv_fast.config import BASELINE_OF, get_preset
+from merv_fast.data.preprocess import preprocess_all
+from merv_fast.data.synthetic import synthetic_batches
+from merv_fast.model.flops import peak_bf16_flops, sample_flops
+from merv_fast.model.merv import build_model
+from merv_fast.train.optim import build_optimizer
+from merv_fast.train.phases import PhaseTimer
+
+PHASES = ("data", "encoders", "visual", "llm_forward", "backward", "optimizer")
+
+
+@dataclass
+class BenchSettings:
+    preset: str | None = None  # default: tiny on CPU, merv-1b on a GPU
+    baseline: str | None = None  # default: the preset's single-encoder twin
+    batch_size: int | None = None
+    text_tokens: int = 128
+    steps: int = 4
+    warmup: int = 2
+    seed: int = 0
+    lr: float = 2e-5
+    activation_checkpointing: bool | None = None  # default: on for GPU presets, off on CPU
+    out: str = "runs/bench"
+    device: str | None = None
+    overrides: dict = field(default_factory=dict)
+
+    def resolve(self) -> "BenchSettings":
+        s = BenchSettings(**asdict(self))
+        s.device = s.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        gpu = s.device.startswith("cuda")
+        s.preset = s.preset or ("merv-1b" if gpu else "tiny")
+        s.baseline = s.baseline or BASELINE_OF.get(s.preset)
+        if s.baseline is None:
+            raise ValueError(f"preset {s.preset!r} has no single-encoder baseline; pass --baseline")
+        s.batch_size = s.batch_size or (8 if gpu else 2)
+        if s.activation_checkpointing is None:
+            s.activation_checkpointing = gpu
+        return s
+
+
+def train_steps(preset: str, s: BenchSettings, batches) -> dict:
+    device = torch.device(s.device)
+    gpu = device.type == "cuda"
+    torch.manual_seed(s.seed)
+    model = build_model(preset, device=device, **s.overrides)
+    if s.activation_checkpointing:
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    cfg = model.config
+    optimizer = build_optimizer(model, lr=s.lr, weight_decay=0.1)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if gpu else torch.autocast("cpu", enabled=False)
+    enc_dtype = next(model.encoders.parameters()).dtype
+    timer = PhaseTimer(device)
+    step_times, phase_rows, losses = [], [], []
+    if gpu:
+        torch.cuda.reset_peak_memory_stats(device)
+    for i in range(s.warmup + s.steps):
+        batch = batches[i % len(batches)]
+        t0 = time.perf_counter()
+        with timer.phase("data"):
+            b = batch.to(device)
+            pixels = preprocess_all(b.frames, cfg.encoders, cfg.visual.frames_sampled, b.flip, enc_dtype)
+        with autocast:
+            with timer.phase("encoders"):
+                features = model.encode(pixels)
+            with timer.phase("visual"):
+                visual = model.visual_tokens(features)
+            with timer.phase("llm_forward"):
+                loss = model.language_model_forward(b.input_ids, b.attention_mask, b.labels, visual).loss
+        with timer.phase("backward"):
+            loss.backward()
+        with timer.phase("optimizer"):
+            torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), 1.0)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        phases = timer.collect()  # synchronises the GPU: the step's wall time below is complete
+        elapsed = time.perf_counter() - t0
+        if i >= s.warmup:
+            step_times.append(elapsed)
+            phase_rows.append(phases)
+            losses.append(loss.item())
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"{preset}: loss is {loss.item()} at step {i}")
+    step = statistics.median(step_times)
+    tokens_per_sample = s.text_tokens + cfg.visual.num_tokens
+    flops = sample_flops(cfg, s.text_tokens).total
+    peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if gpu else None
+    samples_per_s = s.batch_size / step
+    return {
+        "preset": preset,
+        "samples_per_s": samples_per_s,
+        "tokens_per_s": samples_per_s * tokens_per_sample,
+        "step_time_s": step,
+        "step_times_s": step_times,
+        "mfu": (flops * samples_per_s / peak) if peak else None,
+        "flops_per_sample": flops,
+        "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if gpu else None,
+        "phases": {p: statistics.median(r.get(p, 0.0) for r in phase_rows) for p in PHASES},
+        "losses": losses,
+    }
+
+
+def versions() -> dict:
+    import transformers
+
+    from merv_fast import __version__
+    from merv_fast.env import git_sha
+
+    v = {"merv_fast": __version__, "git": git_sha(), "torch": torch.__version__,
+         "transformers": transformers.__version__, "python": platform.python_version()}
+    if torch.cuda.is_available():
+        v["cuda"] = torch.version.cuda
+    return v
+
+
+def run_bench(settings: BenchSettings | None = None) -> dict:
+    s = (settings or BenchSettings()).resolve()
+    cfg = get_preset(s.preset)
+    batches = synthetic_batches(cfg, s.batch_size, s.text_tokens, count=2, seed=s.seed)
+    merv = train_steps(s.preset, s, batches)
+    baseline = train_steps(s.baseline, s, batches)
+    device = torch.cuda.get_device_name() if s.device.startswith("cuda") else f"cpu-{torch.get_num_threads()}thread"
+    report = {
+        "merv": merv,
+        "baseline": baseline,
+        "ratio_step_time": merv["step_time_s"] / baseline["step_time_s"],
+        "device": device,
+        "date": time.strftime("%Y-%m-%d"),
+        "versions": versions(),
+        "config": asdict(s),
+    }
+    out = Path(s.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench.json").write_text(json.dumps(report, indent=2))
+    print(format_report(report))
+    print(f"wrote {out / 'bench.json'}")
+    return report
+
+
+def format_report(r: dict) -> str:
+    m, b = r["merv"], r["baseline"]
+
+    def fmt(v, spec):
+        return "-" if v is None else format(v, spec)
+
+    rows = [("samples/s", "samples_per_s", ".3f"), ("tokens/s", "tokens_per_s", ".1f"),
+            ("step time (s)", "step_time_s", ".4f"), ("MFU", "mfu", ".3f"), ("peak memory (GiB)", None, "")]
+    lines = [f"merv-fast bench on {r['device']}: {m['preset']} vs {b['preset']} "
+             f"(batch {r['config']['batch_size']}, {r['config']['steps']} steps after {r['config']['warmup']} warm-up)",
+             f"{'':22}{m['preset']:>14}{b['preset']:>14}{'ratio':>9}"]
+    for label, key, spec in rows:
+        if key is None:
+            mv, bv = (None if x["peak_mem_bytes"] is None else x["peak_mem_bytes"] / 2**30 for x in (m, b))
+            spec = ".2f"
+        else:
+            mv, bv = m[key], b[key]
+        ratio = fmt(mv / bv, ".2f") if mv is not None and bv else "-"
+        lines.append(f"{label:22}{fmt(mv, spec):>14}{fmt(bv, spec):>14}{ratio:>9}")
+    lines.append("phase breakdown (s/step):")
+    for p in PHASES:
+        mv, bv = m["phases"][p], b["phases"][p]
+        lines.append(f"  {p:20}{mv:>14.4f}{bv:>14.4f}{(mv / bv if bv else float('nan')):>9.2f}")
+    lines.append(f"step-time ratio MERV/baseline: {r['ratio_step_time']:.3f}")
+    return "\n".join(lines)

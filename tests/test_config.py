@@ -1,0 +1,56 @@
+import pytest
+
+from merv_fast.config import PRESETS, ConfigError, get_preset, load_config, parse_cli_overrides
+
+
+def test_full_presets_follow_the_spec():
+    cfg = get_preset("merv-7b")
+    assert [e.name for e in cfg.encoders] == ["languagebind", "dinov2", "vivit", "siglip"]
+    assert cfg.visual.num_tokens == 1024 and cfg.visual.pool_size == (16, 8, 8)
+    assert [e.grid for e in cfg.encoders] == [(16, 16), (16, 16), (14, 14), (14, 14)]
+    assert [e.time_steps for e in cfg.encoders] == [16, 16, 16, 16]
+    assert [e.layers_run for e in cfg.encoders] == [23, 23, 12, 11]
+    assert cfg.llm.padded_vocab_size == 32064
+    one = get_preset("merv-1b").llm
+    assert (one.hidden_size, one.num_layers, one.num_heads, one.num_kv_heads, one.intermediate_size) == \
+        (2048, 22, 32, 4, 5632)
+    assert [e.name for e in get_preset("single-7b").encoders] == ["languagebind"]
+
+
+def test_tiny_keeps_the_structure():
+    cfg = get_preset("tiny")
+    assert len({e.hidden_size for e in cfg.encoders}) == 4
+    grids = {e.name: e.grid for e in cfg.encoders}
+    assert grids["languagebind"] == grids["dinov2"] == (16, 16) and grids["vivit"] == grids["siglip"] == (14, 14)
+    assert cfg.encoder("vivit").tubelet == 2 and cfg.encoder("languagebind").frames // cfg.encoder(
+        "languagebind").clip_frames == 2
+    assert cfg.visual.pool_size[1:] == (8, 8)
+
+
+def test_yaml_file_then_overrides(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: merv-1b\nllm:\n  num_layers: 3\nencoders:\n  dinov2:\n    weights: /w/dino\n")
+    cfg = load_config("tiny", path, parse_cli_overrides(["llm.num_layers=5", "visual.pool_size=[8,8,8]"]))
+    assert cfg.name == "merv-1b" and cfg.llm.num_layers == 5 and cfg.visual.pool_size == (8, 8, 8)
+    assert cfg.encoder("dinov2").weights == "/w/dino"
+    assert load_config("tiny", overrides={"encoders": ["siglip", "dinov2"]}).encoders[0].name == "siglip"
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"llm.nonsense": 1}, "nonsense"),
+    ({"encoders.clip.weights": "/x"}, "clip"),
+    ({"encoders": ["dinov2", "resnet"]}, "resnet"),
+    ({"llm.prompt_format": "alpaca"}, "alpaca"),
+    ({"encoders.dinov2.layers_run": 99}, "layers_run"),
+])
+def test_bad_overrides_name_the_key(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config("tiny", overrides=bad)
+
+
+def test_unknown_preset_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="merv-13b"):
+        get_preset("merv-13b")
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config("tiny", tmp_path / "nope.yaml")
+    assert set(PRESETS) >= {"merv-7b", "single-7b", "merv-1b", "single-1b", "tiny", "single-tiny"}

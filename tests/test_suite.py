@@ -1,0 +1,126 @@
+"""The GPU suite runner, run on CPU (--allow-cpu) with tiny areas of its own: file layout, resume, retry of a
+failed area, and the hard budget that kills a hung one."""
+
+import json
+import time
+
+import pytest
+import torch
+
+from merv_fast.measure import suite
+
+# The areas live in a module the subprocesses import (--module): an area registered only in this process would be
+# unknown to the subprocess that runs it.
+TEST_AREAS = '''
+import os
+import time
+from pathlib import Path
+
+from merv_fast.measure.results import row
+from merv_fast.measure.suite import register_area
+from merv_fast.measure.timing import measure
+
+CALLS = Path(os.environ["SUITE_TEST_DIR"])
+
+
+def count_call(name):
+    calls = CALLS / f"{name}.calls"
+    calls.write_text((calls.read_text() if calls.exists() else "") + "x")
+    return len(calls.read_text())
+
+
+def tiny(results, ceilings):
+    count_call("tiny")
+    t = measure(lambda: sum(range(1000)), warmup=1, iters=5)
+    results.append(row("kernels", "tiny sum", {"n": 1000}, t, t, flops=1000, ceilings=ceilings))
+
+
+def flaky(results, ceilings):
+    if count_call("flaky") == 1:
+        raise RuntimeError("flaky fails the first time")
+    results.append(row("kernels", "flaky", {}, measure(lambda: None, iters=3)))
+
+
+def sleepy(results, ceilings):
+    count_call("sleepy")
+    time.sleep(120)
+
+
+register_area("tiny", tiny, budget_s=60)
+register_area("flaky", flaky, budget_s=60)
+register_area("sleepy", sleepy, budget_s=3)
+'''
+
+
+@pytest.fixture
+def test_areas(tmp_path, monkeypatch):
+    (tmp_path / "suite_test_areas.py").write_text(TEST_AREAS)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    monkeypatch.setenv("SUITE_TEST_DIR", str(tmp_path))
+    registered = list(suite._areas)
+    yield tmp_path
+    suite._areas[:] = registered
+
+
+def calls(tmp_path, name):
+    path = tmp_path / f"{name}.calls"
+    return len(path.read_text()) if path.exists() else 0
+
+
+def test_suite_runs_resumes_retries_and_kills(test_areas, capsys):
+    out = test_areas / "results"
+    only = ["env", "tiny", "flaky", "sleepy"]
+    start = time.perf_counter()
+    statuses = suite.run_suite(out, only=only, allow_cpu=True, modules=["suite_test_areas"])
+    assert statuses == {"env": "done", "ceilings": "done", "tiny": "done", "flaky": "failed", "sleepy": "timeout"}
+    assert time.perf_counter() - start < 60  # sleepy's 120 s sleep was cut at its 3 s budget
+
+    [results] = out.glob("*_gpu-suite.json")
+    assert results.name.endswith(f"_{suite.device_slug()}_gpu-suite.json")
+    assert results.with_suffix(".md").exists()
+    data = json.loads(results.read_text())
+    assert list(data)[:6] == ["device", "date", "command", "versions", "ceilings", "results"]
+    assert set(data["ceilings"]) == {"fp32_matmul_gflops", "copy_gb_s"}
+    assert "packages" in data["environment"]
+    [tiny_row] = data["results"]
+    assert tiny_row["name"] == "tiny sum" and tiny_row["speedup"] == 1.0 and "share_of_ceiling" in tiny_row
+    state = json.loads(results.with_suffix(".state.json").read_text())["areas"]
+    assert state["flaky"]["status"] == "failed" and "flaky fails the first time" in state["flaky"]["output_tail"]
+    assert state["sleepy"]["status"] == "timeout"
+    printed = capsys.readouterr().out
+    assert "tiny" in printed and "killed at its 3 s budget" in printed
+
+    # Second run, through the CLI entry: finished areas are skipped, the failed and timed-out ones run again.
+    code = suite.main(["--allow-cpu", "--out", str(out), "--only", *only, "--module", "suite_test_areas"])
+    assert code == 1  # sleepy still times out
+    assert (calls(test_areas, "tiny"), calls(test_areas, "flaky"), calls(test_areas, "sleepy")) == (1, 2, 2)
+    assert list(out.glob("*_gpu-suite.json")) == [results]  # the same file, resumed
+    state = json.loads(results.with_suffix(".state.json").read_text())["areas"]
+    assert state["flaky"] == {**state["flaky"], "status": "done", "attempts": 2}
+    assert [r["name"] for r in json.loads(results.read_text())["results"]] == ["tiny sum", "flaky"]
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_register_area_order_and_budget():
+    registered = list(suite._areas)
+    try:
+        suite.register_area("after-env", lambda results, ceilings: None, after="env")
+        names = [a.name for a in suite._areas]
+        assert names[names.index("env") + 1] == "after-env"
+        with pytest.raises(ValueError, match="budget_s"):
+            suite.register_area("too-long", lambda results, ceilings: None, budget_s=301)
+    finally:
+        suite._areas[:] = registered
+
+
+def test_unknown_area_is_refused(tmp_path):
+    with pytest.raises(suite.SuiteError, match="unknown area"):
+        suite.run_suite(tmp_path, only=["nope"], allow_cpu=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_refuses_cpu_without_allow_cpu(tmp_path, capsys):
+    assert suite.main(["--out", str(tmp_path)]) == 2
+    assert "--allow-cpu" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
