@@ -55,3 +55,30 @@ def project_fuse_reference(pooled: list[torch.Tensor], weights: list[torch.Tenso
 def project_fuse(pooled, weights, biases, fusion):
     """The op the model calls. Only the torch path exists so far; the fused Triton kernels plug in here."""
     return project_fuse_reference(pooled, weights, biases, fusion)
+
+
+class ReleaseFusion(torch.nn.Module):
+    """The release's own modules, for tests and benchmarks: per-encoder `nn.Linear` projectors, then its
+    `CrossAttentionAdapterLearnableQuery(averagetoken=True)` built on `nn.MultiheadAttention` (which also computes
+    the value and output projections that it then discards). Copies the given weights; computes the same function.
+    """
+
+    def __init__(self, weights: list[torch.Tensor], biases: list[torch.Tensor], fusion: FusionWeights,
+                 attention_state: dict[str, torch.Tensor]):
+        super().__init__()
+        d, embed = weights[0].shape[0], fusion.query.shape[-1]
+        kw = dict(device=weights[0].device, dtype=weights[0].dtype)
+        self.projectors = torch.nn.ModuleList(torch.nn.Linear(w.shape[1], d, **kw) for w in weights)
+        for proj, w, b in zip(self.projectors, weights, biases):
+            proj.load_state_dict({"weight": w.detach(), "bias": b.detach()})
+        self.Q = torch.nn.Parameter(fusion.query.detach().clone())
+        self.attention = torch.nn.MultiheadAttention(embed, num_heads=1, batch_first=True, kdim=d, vdim=d, **kw)
+        self.attention.load_state_dict({k: v.detach() for k, v in attention_state.items()})
+
+    def forward(self, pooled: list[torch.Tensor]) -> torch.Tensor:
+        projected = [p(x) for p, x in zip(self.projectors, pooled)]
+        b, e, (length, d) = projected[0].shape[0], len(projected), projected[0].shape[1:]
+        v = torch.stack(projected, 1)  # [B, E, L, D]
+        keys = v.mean(2)
+        _, weights = self.attention(query=self.Q.repeat(b, 1).unsqueeze(1), key=keys, value=keys)
+        return torch.bmm(weights, v.reshape(b, e, length * d)).reshape(b, length, d)

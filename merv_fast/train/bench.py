@@ -8,6 +8,7 @@ peak memory, and MFU on GPU; plus the MERV/baseline step-time ratio.
 
 from __future__ import annotations
 
+import gc
 import json
 import platform
 import statistics
@@ -136,6 +137,9 @@ def run_bench(settings: BenchSettings | None = None) -> dict:
     cfg = get_preset(s.preset)
     batches = synthetic_batches(cfg, s.batch_size, s.text_tokens, count=2, seed=s.seed)
     merv = train_steps(s.preset, s, batches)
+    gc.collect()  # the first model's memory goes back before the second is built
+    if s.device.startswith("cuda"):
+        torch.cuda.empty_cache()
     baseline = train_steps(s.baseline, s, batches)
     device = torch.cuda.get_device_name() if s.device.startswith("cuda") else f"cpu-{torch.get_num_threads()}thread"
     report = {

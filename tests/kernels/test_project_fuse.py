@@ -7,23 +7,13 @@ import pytest
 import torch
 
 from merv_fast.config import get_preset
-from merv_fast.kernels.project_fuse import fusion_weights_from_logits, project_fuse_reference
+from merv_fast.kernels.project_fuse import ReleaseFusion, fusion_weights_from_logits, project_fuse_reference
 from merv_fast.model.visual import VisualPath
 
 
 def release_fusion(visual: VisualPath, pooled: list[torch.Tensor]) -> torch.Tensor:
-    """The release's CrossAttentionAdapterLearnableQuery (averagetoken=True), with our weights copied in."""
-    fusion = visual.fusion
-    d = visual.projectors[0].out_features
-    mha = torch.nn.MultiheadAttention(fusion.embed_dim, num_heads=1, batch_first=True, kdim=d, vdim=d,
-                                      dtype=pooled[0].dtype)
-    mha.load_state_dict(fusion.attention.state_dict())
-    projected = [p(x) for p, x in zip(visual.projectors, pooled)]
-    b, e = projected[0].shape[0], len(projected)
-    v = torch.stack(projected, 1)
-    q = fusion.query.repeat(b, 1).unsqueeze(1)
-    _, weights = mha(query=q, key=v.mean(2), value=v.mean(2))
-    return torch.bmm(weights, v.reshape(b, e, -1)).reshape(b, -1, d)
+    return ReleaseFusion([p.weight for p in visual.projectors], [p.bias for p in visual.projectors],
+                         visual.fusion.weights(), visual.fusion.attention.state_dict())(pooled)
 
 
 def make_visual(dtype=torch.float64, seed=0):

@@ -1,0 +1,18 @@
+"""The GPU suite's real measurement areas, run through the suite on the CPU at tiny shapes."""
+
+import json
+
+from merv_fast.measure import suite
+
+
+def test_visual_encoders_and_train_areas_write_rows(tmp_path):
+    statuses = suite.run_suite(tmp_path, only=["visual", "encoders", "train"], allow_cpu=True)
+    assert statuses == {"ceilings": "done", "visual": "done", "encoders": "done", "train": "done"}, statuses
+    [path] = tmp_path.glob("*_gpu-suite.json")
+    rows = {r["name"]: r for r in json.loads(path.read_text())["results"]}
+    fuse = rows["project_fuse fwd+bwd tiny B=2 (torch path)"]
+    assert fuse["reference"]["name"].startswith("release modules") and fuse["speedup"] > 0
+    assert "share_of_ceiling" in fuse
+    assert {f"{name} forward B=1 videos (2 layers)" for name in ("languagebind", "dinov2", "siglip")} <= set(rows)
+    train = rows["training step tiny vs single-tiny"]
+    assert train["samples_per_s"] > 0 and train["reference"]["name"].startswith("single-tiny")
