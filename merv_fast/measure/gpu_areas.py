@@ -101,12 +101,13 @@ def train_area(results: ResultsFile, ceilings: dict) -> None:
     from merv_fast.train.bench import BenchSettings, run_bench
 
     with tempfile.TemporaryDirectory() as out:
-        steps, warmup = (5, 2) if FULL else (1, 1)
+        steps, warmup = (5, 2) if FULL else (4, 1)
         report = run_bench(BenchSettings(steps=steps, warmup=warmup, out=out))  # merv-1b on a GPU, tiny on CPU
     merv, base = report["merv"], report["baseline"]
     config = {k: report["config"][k] for k in ("preset", "baseline", "batch_size", "text_tokens",
                                                "activation_checkpointing")}
-    config["phases_s"] = {"merv": merv["phases"], "baseline": base["phases"]}
+    config["phases_s"] = {side: {k: round(v, 5) for k, v in r["phases"].items()}
+                          for side, r in (("merv", merv), ("baseline", base))}
     results.append(row("train", f"training step {merv['preset']} vs {base['preset']}", config,
                        summarize([t * 1e3 for t in merv["step_times_s"]]),
                        summarize([t * 1e3 for t in base["step_times_s"]]),

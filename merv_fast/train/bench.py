@@ -35,8 +35,8 @@ class BenchSettings:
     baseline: str | None = None  # default: the preset's single-encoder twin
     batch_size: int | None = None
     text_tokens: int = 128
-    steps: int = 4
-    warmup: int = 2
+    steps: int = 10
+    warmup: int = 3
     seed: int = 0
     lr: float = 2e-5
     activation_checkpointing: bool | None = None  # default: on for GPU presets, off on CPU
