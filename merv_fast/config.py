@@ -108,7 +108,7 @@ class LLMConfig:
     add_pad_token: bool = True
     pad_to_multiple_of: int = 64  # embedding rows after adding the pad token (32000 + 1 -> 32064)
     prompt_format: str = "llama2-base"
-    has_bos: bool = True  # the tokenizer starts each sequence with BOS; visual tokens go right after it (Qwen2.5: no BOS)
+    has_bos: bool = True  # sequences start with BOS and visual tokens go right after it (Qwen2.5: no BOS)
     max_text_tokens: int = 2048
     weights: str | None = None
 

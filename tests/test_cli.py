@@ -36,3 +36,17 @@ def test_bench_writes_the_trainer_schema(tmp_path, capsys):
 def test_gpu_suite_options_pass_through(tmp_path, capsys):
     assert main(["gpu-suite", "--allow-cpu", "--only", "env", "--out", str(tmp_path)]) == 0
     assert list(tmp_path.glob("*_gpu-suite.json"))
+
+
+def test_bench_step_with_activation_checkpointing_matches_without():
+    """The GPU default (checkpointed LLM layers) computes the same losses as the CPU default."""
+    from merv_fast.config import get_preset
+    from merv_fast.data.synthetic import synthetic_batches
+    from merv_fast.train.bench import BenchSettings, train_steps
+
+    settings = BenchSettings(steps=2, warmup=0, text_tokens=16).resolve()
+    batches = synthetic_batches(get_preset("tiny"), settings.batch_size, 16, count=2, seed=5)
+    plain = train_steps("tiny", settings, batches)
+    settings.activation_checkpointing = True
+    checkpointed = train_steps("tiny", settings, batches)
+    assert plain["losses"] == checkpointed["losses"]

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from merv_fast.config import ModelConfig, apply_overrides, get_preset
+from merv_fast.kernels import set_backend
 from merv_fast.model.encoders import build_encoder
 from merv_fast.model.llm import build_llm, splice_visual_tokens
 from merv_fast.model.visual import VisualPath
@@ -108,6 +109,7 @@ def build_model(preset: str = "tiny", *, config: ModelConfig | None = None, devi
     Frozen encoders are cast to `encoder_dtype` (default: bf16 on CUDA, the model's dtype elsewhere).
     """
     cfg = apply_overrides(config if config is not None else get_preset(preset), overrides)
+    set_backend(cfg.kernels)  # the configured default; MERV_FAST_KERNELS and use_backend() take precedence
     device = torch.device(device) if device is not None else torch.device("cpu")
     with device:
         model = MERV(cfg)
