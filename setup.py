@@ -155,5 +155,5 @@ setup(
     cmdclass={"build_ext": CMakeBuild},
     entry_points={"console_scripts": ["merv-fast = merv_fast.cli:main"]},
     install_requires=["torch>=2.11", "transformers>=4.46", "safetensors", "pyyaml", "numpy"],
-    extras_require={"test": ["pytest", "pytest-benchmark"], "video": ["av"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "triton"], "video": ["av"]},
 )

@@ -1,22 +1,26 @@
-"""pytest-benchmark suite: the visual path (pooling, projection+fusion), forward and forward+backward.
+"""pytest-benchmark suite: the visual path (pooling, projection+fusion), ours vs the release's modules, forward and
+forward+backward.
 
-CPU/CI: tiny shapes, run once as tests (`--benchmark-disable`). GPU: merv-7b shapes in bf16; the figure of record
-is the CUDA-event median stored in `extra_info["cuda_median_ms"]`, inputs rotated across iterations.
-Run for real: `python -m pytest bench/bench_visual.py --benchmark-enable --benchmark-json out.json`.
+"ours" is what the model calls (`pool_concat`, `project_fuse_concat`): fused Triton kernels on a GPU, the torch
+reference on a CPU. "release" is the release's computation: AdaptiveAvgPool3d per encoder, E nn.Linear projectors and
+nn.MultiheadAttention weights (`ReleaseFusion`). CPU/CI: tiny shapes, run once as tests (`--benchmark-disable`).
+GPU: merv-7b shapes in bf16 at B=1, 8, 16; the figure of record is the CUDA-event median in
+`extra_info["cuda_median_ms"]`, inputs rotated across iterations.
+Measure: `python -m pytest bench/bench_visual.py --benchmark-enable --benchmark-json out.json`.
 """
 
 import pytest
 import torch
 
 from merv_fast.config import get_preset
-from merv_fast.kernels.pooling import pool, pool_reference
-from merv_fast.kernels.project_fuse import project_fuse, project_fuse_reference
+from merv_fast.kernels.pooling import pool_concat, pool_concat_reference
+from merv_fast.kernels.project_fuse import ReleaseFusion, project_fuse_concat
 from merv_fast.measure.timing import measure
 from merv_fast.model.visual import VisualPath
 
 CUDA = torch.cuda.is_available()
-SIZES = [("tiny", 2, torch.float32)] + ([("merv-7b", 8, torch.bfloat16)] if CUDA else [])
 DEVICE = "cuda" if CUDA else "cpu"
+SIZES = [("merv-7b", b, torch.bfloat16) for b in (1, 8, 16)] if CUDA else [("tiny", 2, torch.float32)]
 
 
 def make_inputs(preset: str, batch: int, dtype, copies: int = 3):
@@ -30,39 +34,47 @@ def make_inputs(preset: str, batch: int, dtype, copies: int = 3):
 
 def record(benchmark, fn, rotate):
     """Run under pytest-benchmark, and on GPU also store the CUDA-event timing that is the figure of record."""
-    it = iter(range(10**9))
-    benchmark(lambda: fn(*rotate[next(it) % len(rotate)]))
+    calls = iter(range(10**9))
+    benchmark(lambda: fn(*rotate[next(calls) % len(rotate)]))
     if CUDA:
         t = measure(fn, rotate=rotate, warmup=3, iters=20)
         benchmark.extra_info.update(cuda_median_ms=t.median_ms, cuda_p20_ms=t.p20_ms, cuda_p80_ms=t.p80_ms)
 
 
 @pytest.mark.parametrize("preset,batch,dtype", SIZES)
-@pytest.mark.parametrize("impl", ["dispatch", "reference"])
-def test_pool_forward(benchmark, preset, batch, dtype, impl):
+@pytest.mark.parametrize("impl", ["ours", "release"])
+def test_pool(benchmark, preset, batch, dtype, impl):
     cfg, _, feats = make_inputs(preset, batch, dtype)
-    op = pool if impl == "dispatch" else pool_reference
-
-    def run(*features):
-        return [op(f, e.grid, cfg.visual.pool_size) for f, e in zip(features, cfg.encoders)]
-
-    record(benchmark, run, [tuple(f) for f in feats])
+    op = pool_concat if impl == "ours" else pool_concat_reference
+    grids = [e.grid for e in cfg.encoders]
+    record(benchmark, lambda *f: op(list(f), grids, cfg.visual.pool_size), [tuple(f) for f in feats])
 
 
 @pytest.mark.parametrize("preset,batch,dtype", SIZES)
-@pytest.mark.parametrize("impl", ["dispatch", "reference"])
+@pytest.mark.parametrize("impl", ["ours", "release"])
 @pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
 def test_project_fuse(benchmark, preset, batch, dtype, impl, backward):
     cfg, visual, feats = make_inputs(preset, batch, dtype)
-    pooled = [tuple(visual.pool(list(f))) for f in feats]
-    op = project_fuse if impl == "dispatch" else project_fuse_reference
+    pooled = [visual.pool(list(f)) for f in feats]
     weights, biases = [p.weight for p in visual.projectors], [p.bias for p in visual.projectors]
-    fusion = visual.fusion.weights() if visual.fusion is not None else None
+    fusion = visual.fusion.weights()
+    offsets = visual.offsets
+    release = ReleaseFusion(weights, biases, fusion, visual.fusion.attention.state_dict())
 
-    def run(*p):
-        out, _ = op(list(p), weights, biases, fusion)
+    def run(p, m):
+        if impl == "ours":
+            out = project_fuse_concat(p, m, offsets, torch.cat(weights, 1), torch.stack(biases), fusion)[0]
+        else:
+            out = release([p[..., lo:hi] for lo, hi in zip(offsets, offsets[1:])])
         if backward:
-            out.sum().backward()
+            out.float().sum().backward()
         return out
 
     record(benchmark, run, pooled)
+
+
+@pytest.mark.parametrize("preset,batch,dtype", SIZES)
+def test_visual_path_fwd_bwd(benchmark, preset, batch, dtype):
+    """The model's whole visual path as it trains: pooling, projection, fusion, backward to the parameters."""
+    _, visual, feats = make_inputs(preset, batch, dtype)
+    record(benchmark, lambda *f: visual(list(f)).float().sum().backward(), [tuple(f) for f in feats])

@@ -9,8 +9,7 @@ import tempfile
 import torch
 
 from merv_fast.config import get_preset
-from merv_fast.kernels.pooling import pool
-from merv_fast.kernels.project_fuse import ReleaseFusion, project_fuse
+from merv_fast.kernels.project_fuse import ReleaseFusion
 from merv_fast.measure.results import ResultsFile, row
 from merv_fast.measure.suite import register_area
 from merv_fast.measure.timing import measure, summarize
@@ -32,48 +31,80 @@ def _features(cfg, batch: int, dtype, copies: int = 3) -> list[list[torch.Tensor
              for e in cfg.encoders] for _ in range(copies)]
 
 
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _with_backward(fn, backward: bool):
+    def run(*args):
+        out = fn(*args)
+        if backward:
+            out.float().sum().backward()
+    return run
+
+
 def visual_area(results: ResultsFile, ceilings: dict) -> None:
+    """Fused pooling and projection+fusion (Triton) vs the release's modules, forward and forward+backward, and
+    the bare cuBLAS products of the same shapes (forward GEMM + weight-gradient GEMM): the floor."""
+    from merv_fast.kernels.pooling import pool_concat, pool_concat_reference
+    from merv_fast.kernels.project_fuse import project_fuse_concat
     from merv_fast.model.visual import VisualPath
 
-    preset, batch, dtype = ("merv-7b", 8, torch.bfloat16) if FULL else ("tiny", 2, torch.float32)
+    preset, batches, dtype = ("merv-7b", (1, 8, 16), torch.bfloat16) if FULL else ("tiny", (2,), torch.float32)
     cfg = get_preset(preset)
     torch.manual_seed(0)
     visual = VisualPath(cfg, cfg.llm.hidden_size).to(DEVICE, dtype)
-    feats = _features(cfg, batch, dtype)
-    config = {"preset": preset, "batch": batch, "dtype": str(dtype).replace("torch.", "")}
-
-    def pool_all(*features):
-        return [pool(f, e.grid, cfg.visual.pool_size) for f, e in zip(features, cfg.encoders)]
-
-    element = torch.finfo(dtype).bits // 8
-    read = sum(f.numel() for f in feats[0]) * element
-    written = sum(batch * cfg.visual.num_tokens * e.hidden_size for e in cfg.encoders) * element
-    results.append(row("kernels", f"pool {preset} B={batch} (torch path)", config,
-                       measure(pool_all, rotate=[tuple(f) for f in feats]), bytes=read + written, ceilings=ceilings))
-
-    pooled = [pool_all(*f) for f in feats]
+    grids, size = [e.grid for e in cfg.encoders], cfg.visual.pool_size
     weights, biases = [p.weight for p in visual.projectors], [p.bias for p in visual.projectors]
     fusion = visual.fusion.weights()
     release = ReleaseFusion(weights, biases, fusion, visual.fusion.attention.state_dict())
-    k = sum(e.hidden_size for e in cfg.encoders)
-    fwd_flops = 2 * batch * cfg.visual.num_tokens * k * cfg.llm.hidden_size
-    for backward in (False, True):
-        def ours(*p):
-            out, _ = project_fuse(list(p), weights, biases, fusion)
-            if backward:
-                out.sum().backward()
+    offsets, d, k = visual.offsets, cfg.llm.hidden_size, sum(e.hidden_size for e in cfg.encoders)
+    element = torch.finfo(dtype).bits // 8
+    for batch in batches:
+        config = {"preset": preset, "batch": batch, "dtype": _dtype_name(dtype)}
+        feats = _features(cfg, batch, dtype)
+        rotate = [tuple(f) for f in feats]
+        moved = (sum(f.numel() for f in feats[0]) + batch * cfg.visual.num_tokens * k) * element
+        results.append(row("kernels", f"pool_concat {preset} B={batch}", config,
+                           measure(lambda *f: pool_concat(list(f), grids, size), rotate=rotate),
+                           measure(lambda *f: pool_concat_reference(list(f), grids, size), rotate=rotate),
+                           reference_name="release: AdaptiveAvgPool3d per encoder + cat + mean",
+                           bytes=moved, ceilings=ceilings))
+        pooled = [pool_concat(list(f), grids, size) for f in feats]
+        gemm_flops = 2 * batch * cfg.visual.num_tokens * k * d
+        for backward in (False, True):
+            leaves = [(p.detach().clone(), m.detach().clone()) for p, m in pooled]
+            # as the model calls it: the projector weights concatenated on every call (autograd splits the grads)
+            ours = _with_backward(lambda p, m: project_fuse_concat(p, m, offsets, torch.cat(weights, 1),
+                                                                   torch.stack(biases), fusion)[0], backward)
+            ref = _with_backward(lambda p, m: release([p[..., lo:hi] for lo, hi in zip(offsets, offsets[1:])]),
+                                 backward)
+            label = "fwd+bwd" if backward else "fwd"
+            r = row("kernels", f"project_fuse {label} {preset} B={batch}", config,
+                    measure(ours, rotate=leaves), measure(ref, rotate=leaves),
+                    reference_name="release: E nn.Linear + nn.MultiheadAttention weights + weighted sum",
+                    flops=gemm_flops * (2 if backward else 1),
+                    ceilings=ceilings)
+            floor = _gemm_floor(batch * cfg.visual.num_tokens, k, d, dtype, backward)
+            r["floor"] = {"name": "cuBLAS forward GEMM" + (" + weight-gradient GEMM" if backward else ""),
+                          "median_ms": floor.median_ms}
+            r["ratio_to_floor"] = round(r["ours"]["median_ms"] / floor.median_ms, 3)
+            results.append(r)
+        del feats, pooled
+        release_memory()
 
-        def reference(*p):
-            out = release(list(p))
-            if backward:
-                out.sum().backward()
 
-        rotate = [tuple(p) for p in pooled]
-        label = "fwd+bwd" if backward else "fwd"
-        results.append(row("kernels", f"project_fuse {label} {preset} B={batch} (torch path)", config,
-                           measure(ours, rotate=rotate), measure(reference, rotate=rotate),
-                           reference_name="release modules (nn.Linear + nn.MultiheadAttention)",
-                           flops=fwd_flops * (3 if backward else 1), ceilings=ceilings))
+def _gemm_floor(rows: int, k: int, d: int, dtype, backward: bool):
+    """The bare products a fused projection cannot beat: A[rows, K] @ W^T and, for backward, dY^T @ A."""
+    a = [torch.randn(rows, k, device=DEVICE, dtype=dtype) for _ in range(2)]
+    w = torch.randn(d, k, device=DEVICE, dtype=dtype)
+    dy = torch.randn(rows, d, device=DEVICE, dtype=dtype)
+
+    def products(x):
+        y = x @ w.T
+        return (y, dy.T @ x) if backward else y
+
+    return measure(products, rotate=[(x,) for x in a])
 
 
 def encoders_area(results: ResultsFile, ceilings: dict) -> None:

@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from merv_fast.config import ModelConfig
-from merv_fast.kernels.pooling import pool, square_grid
-from merv_fast.kernels.project_fuse import FusionWeights, project_fuse
+from merv_fast.kernels.pooling import pool_concat, square_grid
+from merv_fast.kernels.project_fuse import FusionWeights, project_fuse_concat
 
 
 class CrossAttentionFusion(nn.Module):
@@ -40,14 +40,27 @@ class CrossAttentionFusion(nn.Module):
         nn.init.zeros_(a.in_proj_bias)
         nn.init.zeros_(a.out_proj.bias)
 
-    def weights(self) -> FusionWeights:
-        e, bias = self.embed_dim, self.attention.in_proj_bias
-        return FusionWeights(self.query, self.attention.q_proj_weight, bias[:e],
-                             self.attention.k_proj_weight, bias[e:2 * e])
+    def weights(self, dtype: torch.dtype | None = None) -> FusionWeights:
+        e, a = self.embed_dim, self.attention
+        tensors = (self.query, a.q_proj_weight, a.in_proj_bias[:e], a.k_proj_weight, a.in_proj_bias[e:2 * e])
+        return FusionWeights(*(t.to(dtype) if dtype is not None else t for t in tensors))
+
+
+def compute_dtype(like: torch.Tensor) -> torch.dtype:
+    """The dtype the projection runs in: autocast's when it is on (the fused op is a custom op, which autocast does
+    not cast for us), else the parameters' own."""
+    if torch.is_autocast_enabled(like.device.type):
+        return torch.get_autocast_dtype(like.device.type)
+    return like.dtype
 
 
 class VisualPath(nn.Module):
-    """Encoder features (one [B, T_e, N_e, C_e] tensor per encoder) -> [B, T'*H'*W', D_llm] visual tokens."""
+    """Encoder features (one [B, T_e, N_e, C_e] tensor per encoder) -> [B, T'*H'*W', D_llm] visual tokens.
+
+    Pooling writes every encoder into its column block of one [B, L, sum C_e] buffer (plus the pooled tokens'
+    means, which the fusion keys need); the projection + fusion then runs as one product over the concatenated
+    columns. Both ops run fused Triton kernels or the release's torch computation, as kernels/dispatch.py decides.
+    """
 
     def __init__(self, cfg: ModelConfig, llm_dim: int):
         super().__init__()
@@ -55,13 +68,17 @@ class VisualPath(nn.Module):
         self.pool_size = tuple(cfg.visual.pool_size)
         self.projectors = nn.ModuleList(nn.Linear(e.hidden_size, llm_dim) for e in cfg.encoders)
         self.fusion = CrossAttentionFusion(cfg.visual.fusion_embed_dim, llm_dim) if len(cfg.encoders) > 1 else None
+        widths = [e.hidden_size for e in cfg.encoders]
+        self.offsets = [sum(widths[:i]) for i in range(len(widths) + 1)]
 
-    def pool(self, features: list[torch.Tensor], grids: list[tuple[int, int]] | None = None) -> list[torch.Tensor]:
+    def pool(self, features: list[torch.Tensor],
+             grids: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (pooled [B, L, K], means [B, K]): encoder e owns columns offsets[e]:offsets[e+1]."""
         if len(features) != len(self.projectors):
             raise ValueError(f"expected features from {len(self.projectors)} encoders {self.encoder_names}, "
                              f"got {len(features)}")
         grids = grids or [square_grid(f.shape[2]) for f in features]
-        return [pool(f, tuple(g), self.pool_size) for f, g in zip(features, grids)]
+        return pool_concat(features, [tuple(g) for g in grids], self.pool_size)
 
     def forward(self, features: list[torch.Tensor], grids: list[tuple[int, int]] | None = None) -> torch.Tensor:
         tokens, _ = self.forward_with_mix(features, grids)
@@ -69,7 +86,9 @@ class VisualPath(nn.Module):
 
     def forward_with_mix(self, features, grids=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Also returns the fusion's per-(sample, encoder) weights [B, E], for inspection and tests."""
-        dtype = self.projectors[0].weight.dtype
-        pooled = [p.to(dtype) for p in self.pool(features, grids)]
-        return project_fuse(pooled, [p.weight for p in self.projectors], [p.bias for p in self.projectors],
-                            self.fusion.weights() if self.fusion is not None else None)
+        dtype = compute_dtype(self.projectors[0].weight)
+        pooled, means = self.pool(features, grids)
+        weight = torch.cat([p.weight for p in self.projectors], dim=1).to(dtype)
+        bias = torch.stack([p.bias for p in self.projectors]).to(dtype)
+        fusion = self.fusion.weights(dtype) if self.fusion is not None else None
+        return project_fuse_concat(pooled.to(dtype), means.to(dtype), self.offsets, weight, bias, fusion)

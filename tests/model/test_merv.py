@@ -77,3 +77,11 @@ def test_every_preset_builds_on_meta(preset):
     model = merv_fast.build_model(preset, device="meta")
     assert all(p.is_meta for p in model.parameters())
     assert model.num_visual_tokens == (1024 if "tiny" not in preset else 256)
+
+
+def test_visual_path_compiles_without_graph_breaks(tiny):
+    feats = [torch.randn(2, e.time_steps, e.tokens_per_step, e.hidden_size) for e in tiny.config.encoders]
+    compiled = torch.compile(tiny.visual, fullgraph=True, backend="aot_eager")
+    out = compiled(feats)
+    out.sum().backward()
+    torch.testing.assert_close(out, tiny.visual(feats), rtol=1e-5, atol=1e-5)

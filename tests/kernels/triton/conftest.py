@@ -12,11 +12,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def pytest_collection_modifyitems(config, items):
-    if INTERPRETER or torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="Triton kernels need CUDA or TRITON_INTERPRET=1 (run in their own process)")
-    for item in items:
-        if "tests/kernels/triton" in str(item.fspath):
+    # A conftest hook sees the whole session's items: touch only this folder's.
+    here = [item for item in items if "tests/kernels/triton" in str(item.fspath)]
+    if torch.cuda.is_available() and not INTERPRETER:
+        for item in here:  # on a GPU they belong to the `-m gpu` run of the GPU suite
+            item.add_marker(pytest.mark.gpu)
+    elif not INTERPRETER:
+        skip = pytest.mark.skip(reason="Triton kernels need CUDA or TRITON_INTERPRET=1 (run in their own process)")
+        for item in here:
             item.add_marker(skip)
 
 
