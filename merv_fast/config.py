@@ -37,7 +37,7 @@ class PreprocessSpec:
     interpolation: str  # "bilinear" | "bicubic"
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    antialias: bool = False
+    antialias: bool = False  # the release resized through PIL (antialiased) for DINOv2, ViViT and SigLIP
     random_flip: bool = False  # LanguageBind flips with p=0.5, at inference too (a release quirk)
 
 
@@ -150,7 +150,7 @@ def dinov2_encoder() -> EncoderConfig:
     return EncoderConfig(
         name="dinov2", image_size=224, patch_size=14, hidden_size=1024, num_heads=16, intermediate_size=4096,
         num_layers=24, layers_run=23, frames=16, registers=4, layer_norm_eps=1e-6,
-        preprocess=PreprocessSpec("squash", "bicubic", IMAGENET_MEAN, IMAGENET_STD),
+        preprocess=PreprocessSpec("squash", "bicubic", IMAGENET_MEAN, IMAGENET_STD, antialias=True),
     )
 
 
@@ -159,7 +159,7 @@ def vivit_encoder() -> EncoderConfig:
         name="vivit", image_size=224, patch_size=16, hidden_size=768, num_heads=12, intermediate_size=3072,
         num_layers=12, layers_run=12, frames=32, tubelet=2, final_norm=True, layer_norm_eps=1e-6,
         hidden_act="gelu_fast",
-        preprocess=PreprocessSpec("squash", "bilinear", HALF, HALF),
+        preprocess=PreprocessSpec("squash", "bilinear", HALF, HALF, antialias=True),
     )
 
 
@@ -167,7 +167,7 @@ def siglip_encoder() -> EncoderConfig:
     return EncoderConfig(
         name="siglip", image_size=224, patch_size=16, hidden_size=768, num_heads=12, intermediate_size=3072,
         num_layers=12, layers_run=11, frames=16, layer_norm_eps=1e-6,
-        preprocess=PreprocessSpec("squash", "bicubic", HALF, HALF),
+        preprocess=PreprocessSpec("squash", "bicubic", HALF, HALF, antialias=True),
     )
 
 
