@@ -43,6 +43,22 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_data_check(args) -> int:
+    from merv_fast.data.check import run_check
+
+    return run_check(args.json_path, args.media_root, as_json=args.json, timeout_s=args.timeout_s,
+                     decoder=args.decoder)
+
+
+def cmd_data_synth(args) -> int:
+    from merv_fast.data.synth import synthesize
+
+    result = synthesize(args.out, videos=args.videos, images=args.images, texts=args.texts, seed=args.seed)
+    print(f"wrote {len(result['videos'])} videos, {len(result['images'])} images and {result['entries']} entries "
+          f"to {result['json']} (media root {result['media_root']})")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="merv-fast", description="Fast, exact MERV training.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -69,6 +85,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="runs/bench")
     p.set_defaults(fn=cmd_bench)
+
+    data = sub.add_parser("data", help="datasets: synthesise one, check one").add_subparsers(dest="data_command",
+                                                                                          required=True)
+    p = data.add_parser("synth", help="write real encoded clips, images and a LLaVA-format JSON (deterministic)")
+    p.add_argument("--out", required=True, help="directory to write (media root; data.json inside)")
+    p.add_argument("--videos", type=int, default=10)
+    p.add_argument("--images", type=int, default=6)
+    p.add_argument("--texts", type=int, default=2, help="text-only entries")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(fn=cmd_data_synth)
+
+    # `data check` (merv_fast/data/check.py), in the `data` group above
+    q = data.add_parser("check", help="scan a LLaVA-format dataset; list every bad entry (exit 1 if any)")
+    q.add_argument("json_path", metavar="DATA.json")
+    q.add_argument("--media-root", required=True, help="directory the entries' image/video paths are relative to")
+    q.add_argument("--json", action="store_true", help="print the bad entries as a JSON list")
+    q.add_argument("--timeout-s", type=float, default=None, help="per-file decode time limit")
+    q.add_argument("--decoder", default="auto", help="auto | dali | torchcodec | pyav")
+    q.set_defaults(fn=cmd_data_check)
 
     sub.add_parser("gpu-suite", help="every GPU check and benchmark, area by area, resumable "
                                      "(options: merv-fast gpu-suite --help)")

@@ -167,6 +167,17 @@ def native_report() -> dict[str, Any]:
             "build_info": native.build_info()}
 
 
+def decoder_report() -> dict[str, Any]:
+    """Which video decoder `--decoder auto` picks here, and why."""
+    try:
+        from merv_fast.data.decode import choose_decoder
+
+        name, why = choose_decoder("auto")
+    except Exception as err:  # no decoder at all, or PyAV missing: say so rather than fail the report
+        name, why = None, _short(err)
+    return {"auto": name, "why": why}
+
+
 def environment_report() -> dict[str, Any]:
     packages = {"triton": probe_triton()}
     packages.update({name: probe_package(module, needs_cuda) for name, (module, needs_cuda)
@@ -182,6 +193,7 @@ def environment_report() -> dict[str, Any]:
         "packages": packages,
         "native": native_report(),
         "kernels": kernel_backend_report(),
+        "decoder": decoder_report(),
         "merv_fast": versions()["merv_fast"],
     }
 
@@ -218,5 +230,8 @@ def format_report(report: dict[str, Any]) -> str:
     resolved = kernels["resolves_to"] or f"error: {kernels['why']}"
     lines.append(("kernels", f"{kernels['requested']} (from {kernels['source']}) -> {resolved} on "
                              f"{kernels['device']}; auto -> {kernels['auto_resolves_to']}"))
+    decoder = report.get("decoder")
+    if decoder:
+        lines.append(("decoder", f"{decoder['auto'] or 'none'} ({decoder['why']})"))
     width = max(len(label) for label, _ in lines)
     return "\n".join(f"{label.ljust(width)}  {text}" for label, text in lines)

@@ -47,4 +47,12 @@ std::string build_info() {
 TORCH_LIBRARY(merv_fast, m) {
   // No tensor arguments, so no dispatch key to pick a kernel by: a catch-all kernel serves every device.
   m.def("build_info() -> str", &merv_fast::build_info);
+  // Fused per-encoder preprocessing (kernels/csrc/preprocess.cpp, CPU): uint8 frames [B, T, H, W, 3] -> per spec
+  // [B, ceil(T / stride), 3, S, S]. One list entry per encoder; codes as kernels/preprocess.py's _RESIZE_CODE,
+  // _INTERP_CODE, _DTYPE_CODE; mean and std hold 3 values per spec.
+  m.def("preprocess_frames(Tensor frames, int[] sizes, int[] resize, int[] interp, bool[] antialias, float[] mean, "
+        "float[] std, int[] stride, bool[] random_flip, int[] dtype, Tensor? flip) -> Tensor[]");
+  m.def("preprocess_frames_out(Tensor frames, int[] sizes, int[] resize, int[] interp, bool[] antialias, "
+        "float[] mean, float[] std, int[] stride, bool[] random_flip, int[] dtype, Tensor? flip, "
+        "Tensor(a!)[] out) -> ()");
 }

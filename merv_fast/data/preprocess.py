@@ -1,7 +1,9 @@
-"""Per-encoder preprocessing, torch reference: sampled uint8 frames -> each encoder's normalised input.
+"""Per-encoder preprocessing: sampled uint8 frames -> each encoder's normalised input.
 
-Reads the spec's PreprocessSpec only (data/ knows nothing else of the model). The fused native/GPU versions
-of the data-pipeline issue are tested against this.
+Reads the spec's PreprocessSpec only (data/ knows nothing else of the model). Each encoder's config becomes an
+`EncoderInputSpec` and the work goes to `merv_fast.kernels.preprocess.preprocess`: the fused native op for CPU
+frames when merv_fast._C is usable (built, and for this torch), else the torch reference `preprocess_reference`,
+which is this module's former code, unchanged in its results.
 """
 
 from __future__ import annotations
@@ -11,7 +13,14 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from merv_fast import native
 from merv_fast.config import EncoderConfig
+from merv_fast.kernels import preprocess as _op
+
+# The op file imports nothing from merv_fast; here it learns from the loader whether the native op may run (which
+# also refuses a library built against another torch, with a one-line notice).
+_op.set_native_check(lambda: native.op_reason("preprocess_frames"))
+_OP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def frame_stride(frames_sampled: int, enc: EncoderConfig) -> int:
@@ -43,19 +52,25 @@ def preprocess_for_encoder(frames: torch.Tensor, enc: EncoderConfig, frames_samp
     `flip` (bool [B]) mirrors chosen samples horizontally where the encoder's spec asks for random flips; the
     caller draws it from (seed, epoch, sample id) so that results never depend on worker RNG state.
     """
-    b, t = frames.shape[:2]
-    if t != frames_sampled:
-        raise ValueError(f"expected {frames_sampled} sampled frames, got {t}")
-    picked = frames[:, :: frame_stride(frames_sampled, enc)]
-    x = picked.reshape(-1, *picked.shape[2:]).permute(0, 3, 1, 2).float().div_(255.0)
-    x = resize_frames(x, enc).reshape(b, enc.frames, 3, enc.image_size, enc.image_size)
-    if enc.preprocess.random_flip and flip is not None:
-        x = torch.where(flip.view(b, 1, 1, 1, 1), x.flip(-1), x)
-    mean = torch.tensor(enc.preprocess.mean, device=x.device).view(1, 1, 3, 1, 1)
-    std = torch.tensor(enc.preprocess.std, device=x.device).view(1, 1, 3, 1, 1)
-    return ((x - mean) / std).to(dtype)
+    return preprocess_all(frames, [enc], frames_sampled, flip, dtype)[0]
+
+
+def encoder_input_spec(enc: EncoderConfig, frames_sampled: int,
+                       dtype: torch.dtype = torch.float32) -> _op.EncoderInputSpec:
+    """The op's plain-value description of what `enc` wants from `frames_sampled` frames."""
+    p = enc.preprocess
+    return _op.EncoderInputSpec(size=enc.image_size, resize=p.resize, interpolation=p.interpolation,
+                                antialias=p.antialias, mean=tuple(p.mean), std=tuple(p.std),
+                                frame_stride=frame_stride(frames_sampled, enc), random_flip=p.random_flip,
+                                out_dtype=dtype if dtype in _OP_DTYPES else torch.float32)
 
 
 def preprocess_all(frames: torch.Tensor, encoders: Sequence[EncoderConfig], frames_sampled: int,
                    flip: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
-    return [preprocess_for_encoder(frames, e, frames_sampled, flip, dtype) for e in encoders]
+    """Every encoder's input in one fused pass over the frames (see `preprocess_for_encoder`)."""
+    b, t = frames.shape[:2]
+    if t != frames_sampled:
+        raise ValueError(f"expected {frames_sampled} sampled frames, got {t}")
+    specs = [encoder_input_spec(e, frames_sampled, dtype) for e in encoders]
+    outs = _op.preprocess(frames, specs, flip)
+    return [o.reshape(b, e.frames, 3, e.image_size, e.image_size).to(dtype) for o, e in zip(outs, encoders)]

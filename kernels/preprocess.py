@@ -1,0 +1,199 @@
+"""Fused per-encoder preprocessing (MERV_SPEC.md section 2): decoded uint8 frames -> every encoder's normalised input.
+
+One `EncoderInputSpec` per encoder says what it wants: which frames (every `frame_stride`-th), the resize (squash to
+SxS, or short side to S then a center crop), the filter, mean/std, an optional horizontal flip, the output dtype.
+
+- `preprocess_reference`: the torch ground truth (`F.interpolate`), one encoder at a time. The GPU (Triton) and the
+  CPU (native) versions are both tested against it.
+- `preprocess`: the native op `torch.ops.merv_fast.preprocess_frames` (kernels/csrc/preprocess.cpp) for CPU uint8
+  frames when the native library is usable, else the reference. The op reads each frame once and writes every
+  encoder's input from it, fp32 math; it matches the reference to < 1e-4 in normalised units for fp32 outputs
+  (measured ~1e-6), and to one rounding step of the output dtype for bf16/fp16 (see tests/kernels/test_preprocess.py).
+
+This file imports nothing from the rest of merv_fast: whether the native op may be used is asked through
+`native_check`, which merv_fast wires to `merv_fast.native` (the library's loader and torch-version check).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+RESIZE_MODES = ("squash", "short_side_crop")
+INTERPOLATIONS = ("bilinear", "bicubic")
+# The op's integer codes for the spec's strings and dtypes (kernels/csrc/preprocess.cpp reads the same tables).
+_RESIZE_CODE = {"squash": 0, "short_side_crop": 1}
+_INTERP_CODE = {"bilinear": 0, "bicubic": 1}
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class EncoderInputSpec:
+    """One encoder's input, as plain values: frames[:, ::frame_stride] -> [B, T_e, 3, size, size] in out_dtype."""
+
+    size: int
+    resize: str  # "squash" (both sides to `size`) | "short_side_crop" (short side to `size`, center crop)
+    interpolation: str  # "bilinear" | "bicubic"
+    antialias: bool
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    frame_stride: int = 1
+    random_flip: bool = False  # mirror the samples whose `flip` flag is set (LanguageBind); others ignore `flip`
+    out_dtype: torch.dtype = torch.float32
+    layout: str = "TCHW"  # the only layout so far: [B, T_e, 3, S, S]
+
+    def __post_init__(self):
+        if self.resize not in RESIZE_MODES:
+            raise ValueError(f"resize {self.resize!r} is not one of {RESIZE_MODES}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation {self.interpolation!r} is not one of {INTERPOLATIONS}")
+        if self.out_dtype not in _DTYPE_CODE:
+            raise ValueError(f"out_dtype {self.out_dtype} is not one of {list(_DTYPE_CODE)}")
+        if self.layout != "TCHW":
+            raise ValueError(f"layout {self.layout!r}: only 'TCHW' is implemented")
+        if self.size < 1 or self.frame_stride < 1:
+            raise ValueError(f"size ({self.size}) and frame_stride ({self.frame_stride}) must be positive")
+        if len(self.mean) != 3 or len(self.std) != 3:
+            raise ValueError("mean and std need one value per RGB channel")
+
+
+def short_side_geometry(h: int, w: int, size: int) -> tuple[int, int, int, int]:
+    """(new_h, new_w, top, left) of short_side_crop, with the release's rounding.
+
+    The resize is the release's: scale = size / min(h, w), each side int(side * scale) (truncated), at least `size`.
+    The crop offsets are torchvision CenterCrop's: int(round((new - size) / 2.0)), Python's round, so an odd excess
+    d rounds d / 2 half to even (d = 3 -> 2, d = 5 -> 2): NOT always the floor.
+    """
+    scale = size / min(h, w)
+    new_h, new_w = max(size, int(h * scale)), max(size, int(w * scale))
+    return new_h, new_w, int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+
+
+def resize_reference(x: torch.Tensor, spec: EncoderInputSpec) -> torch.Tensor:
+    """x float [N, 3, H, W] in [0, 1] -> [N, 3, S, S] (align_corners=False, antialias as the spec says)."""
+    size = spec.size
+    if spec.resize == "squash":
+        return F.interpolate(x, size=(size, size), mode=spec.interpolation, antialias=spec.antialias,
+                             align_corners=False)
+    new_h, new_w, top, left = short_side_geometry(x.shape[-2], x.shape[-1], size)
+    x = F.interpolate(x, size=(new_h, new_w), mode=spec.interpolation, antialias=spec.antialias,
+                      align_corners=False)
+    return x[..., top:top + size, left:left + size]
+
+
+def _check_inputs(frames: torch.Tensor, specs: Sequence[EncoderInputSpec], flip: torch.Tensor | None) -> None:
+    if frames.dtype != torch.uint8 or frames.dim() != 5 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 [B, T, H, W, 3], got {frames.dtype} {tuple(frames.shape)}")
+    if flip is not None and (flip.dim() != 1 or flip.shape[0] != frames.shape[0]):
+        raise ValueError(f"flip must be bool [B={frames.shape[0]}], got {tuple(flip.shape)}")
+    if not specs:
+        raise ValueError("no encoder specs")
+
+
+def preprocess_reference(frames: torch.Tensor, specs: Sequence[EncoderInputSpec],
+                         flip: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """frames uint8 [B, T, H, W, 3] -> per spec [B, T_e, 3, S, S], T_e = ceil(T / frame_stride). The ground truth.
+
+    Per spec: frames[:, ::frame_stride], /255, `F.interpolate` (align_corners=False, antialias per spec; short_side_crop
+    as `short_side_geometry` says), mirror the samples with flip[b] set (only where the spec has random_flip), then
+    (x - mean) / std in fp32 and a cast to out_dtype.
+
+    Relation to the release: LanguageBind's transforms resize tensors with torchvision's bilinear without antialias,
+    which is this exactly. DINOv2, ViViT and SigLIP went through PIL's `Image.resize` on uint8 images; torch's
+    antialias=True bilinear/bicubic uses PIL's filters (triangle, and cubic with a = -0.5) with PIL's support
+    (filter radius times the downscale factor) and normalisation, but in float on the unrounded image, where PIL
+    rounds each pass's result to uint8, clipping to [0, 255]. Measured (tests/kernels/test_preprocess.py::
+    test_reference_vs_pil, natural-looking frames to 224x224): bilinear max 0.99/255, mean 0.28/255 in [0, 1] units
+    (PIL's rounding only); bicubic mean 0.3/255, max 7-18/255 at hard edges, where the cubic filter overshoots and
+    PIL clips (also after its horizontal pass) while torch does not.
+    """
+    _check_inputs(frames, specs, flip)
+    b = frames.shape[0]
+    outs = []
+    for spec in specs:
+        picked = frames[:, ::spec.frame_stride]
+        t_e = picked.shape[1]
+        x = picked.reshape(b * t_e, *picked.shape[2:]).permute(0, 3, 1, 2).float().div_(255.0)
+        x = resize_reference(x, spec).reshape(b, t_e, 3, spec.size, spec.size)
+        if spec.random_flip and flip is not None:
+            x = torch.where(flip.to(device=x.device, dtype=torch.bool).view(b, 1, 1, 1, 1), x.flip(-1), x)
+        mean = torch.tensor(spec.mean, dtype=torch.float32, device=x.device).view(1, 1, 3, 1, 1)
+        std = torch.tensor(spec.std, dtype=torch.float32, device=x.device).view(1, 1, 3, 1, 1)
+        outs.append(((x - mean) / std).to(spec.out_dtype).contiguous())
+    return outs
+
+
+# ----------------------------------------------------------------------------------------------- native dispatch
+def _op_registered() -> str | None:
+    """The default check, for use without merv_fast: the op is there if someone loaded the library."""
+    if hasattr(torch.ops, "merv_fast") and hasattr(torch.ops.merv_fast, "preprocess_frames"):
+        return None
+    return "torch.ops.merv_fast.preprocess_frames is not registered (the native library is not loaded)"
+
+
+# None when the native op may run, else why not. merv_fast sets it to its loader's check (which also refuses a
+# library built against another torch); a test may set it to simulate a missing library.
+native_check: Callable[[], str | None] = _op_registered
+
+
+def set_native_check(check: Callable[[], str | None]) -> Callable[[], str | None]:
+    """Install the check that `preprocess` asks before it runs the native op; returns the previous one."""
+    global native_check
+    previous, native_check = native_check, check
+    return previous
+
+
+def native_reason() -> str | None:
+    return native_check()
+
+
+def _op_args(specs: Sequence[EncoderInputSpec]) -> tuple:
+    return ([s.size for s in specs], [_RESIZE_CODE[s.resize] for s in specs],
+            [_INTERP_CODE[s.interpolation] for s in specs], [s.antialias for s in specs],
+            [float(v) for s in specs for v in s.mean], [float(v) for s in specs for v in s.std],
+            [s.frame_stride for s in specs], [s.random_flip for s in specs], [_DTYPE_CODE[s.out_dtype] for s in specs])
+
+
+def output_shapes(frames_shape: Sequence[int], specs: Sequence[EncoderInputSpec]) -> list[tuple[int, ...]]:
+    b, t = frames_shape[:2]
+    return [(b, -(-t // s.frame_stride), 3, s.size, s.size) for s in specs]
+
+
+def preprocess_native_out(frames: torch.Tensor, specs: Sequence[EncoderInputSpec], flip: torch.Tensor | None,
+                          out: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The native op writing into caller-given contiguous outputs (a test hook: poisoned buffers, reused memory)."""
+    _check_inputs(frames, specs, flip)
+    flip_arg = None if flip is None else flip.to(torch.bool).contiguous()
+    torch.ops.merv_fast.preprocess_frames_out(frames, *_op_args(specs), flip_arg, out)
+    return out
+
+
+def preprocess(frames: torch.Tensor, specs: Sequence[EncoderInputSpec],
+               flip: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """frames uint8 [B, T, H, W, 3] -> per spec [B, T_e, 3, S, S]: the native op where it can run, else the reference."""
+    _check_inputs(frames, specs, flip)
+    if frames.device.type == "cpu" and native_check() is None:
+        flip_arg = None if flip is None else flip.to(torch.bool).contiguous()
+        return list(torch.ops.merv_fast.preprocess_frames(frames, *_op_args(specs), flip_arg))
+    return preprocess_reference(frames, specs, flip)
+
+
+# ----------------------------------------------------------------------------------------------- Triton dispatch
+_preprocess_cpu = preprocess
+
+
+def preprocess(frames: torch.Tensor, specs: Sequence[EncoderInputSpec],
+               flip: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """As above, but the Triton kernel (kernels/preprocess_triton.py) where `resolve_backend` picks triton: CUDA
+    frames, or CPU frames under TRITON_INTERPRET=1. CPU frames without the interpreter never ask (a data worker must
+    not fail because MERV_FAST_KERNELS=triton was set for the model's kernels)."""
+    from .dispatch import interpreter_enabled, resolve_backend
+
+    if (frames.is_cuda or interpreter_enabled()) and resolve_backend(frames) == "triton":
+        from .preprocess_triton import preprocess_triton
+
+        return preprocess_triton(frames, specs, flip)
+    return _preprocess_cpu(frames, specs, flip)
