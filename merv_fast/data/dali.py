@@ -138,9 +138,33 @@ class _Branch:
     size: int
 
 
-def _branch(enc: EncoderConfig, frames_sampled: int) -> _Branch:
+def _branch(enc: EncoderConfig, frames_sampled: int, single_frame: bool = False) -> _Branch:
+    """Its resize branch; with a single frame (an image) the stride means nothing, so all strides share one."""
     p = enc.preprocess
-    return _Branch(frames_sampled // enc.frames, p.resize, p.interpolation, p.antialias, enc.image_size)
+    stride = 1 if single_frame else frames_sampled // enc.frames
+    return _Branch(stride, p.resize, p.interpolation, p.antialias, enc.image_size)
+
+
+def _branch_ids(encoders: Sequence[EncoderConfig], frames_sampled: int, single_frame: bool = False
+                ) -> dict[_Branch, int]:
+    """Branch -> k, the suffix of its external sources, in the order `_encoder_outputs` numbers them."""
+    ids: dict[_Branch, int] = {}
+    for enc in encoders:
+        ids.setdefault(_branch(enc, frames_sampled, single_frame), len(ids))
+    return ids
+
+
+def _feed_geometry(pipe, branches: dict[_Branch, int], sizes: Sequence[tuple[int, int]]) -> None:
+    """Each short_side_crop branch's per-sample resize target and crop position, from the (H, W) of every sample
+    (the torch reference's integer geometry, computed on the host)."""
+    for br, k in branches.items():
+        if br.resize != "short_side_crop":
+            continue
+        geo = [short_side_geometry(h, w, br.size) for h, w in sizes]
+        pipe.feed_input(f"rx{k}", [np.array(g[1], dtype=np.float32) for g in geo])
+        pipe.feed_input(f"ry{k}", [np.array(g[0], dtype=np.float32) for g in geo])
+        pipe.feed_input(f"cx{k}", [np.array(crop_pos(g[3], g[1] - br.size), dtype=np.float32) for g in geo])
+        pipe.feed_input(f"cy{k}", [np.array(crop_pos(g[2], g[0] - br.size), dtype=np.float32) for g in geo])
 
 
 # ----------------------------------------------------------------------------------------------- the pipeline
@@ -174,39 +198,50 @@ def build_pipeline(encoders: Sequence[EncoderConfig], *, batch_size: int, device
             pipe.set_outputs(video)
             return pipe
         flip = fn.external_source(name="flip", dtype=types.INT32, ndim=0)
-        interp = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
-        branches: dict[_Branch, tuple[Any, int]] = {}
-        outputs = []
-        for enc in encoders:
-            br = _branch(enc, frames_sampled)
-            if br not in branches:
-                x = video
-                if br.stride > 1:
-                    x = fn.sequence_rearrange(x, new_order=list(range(0, frames_sampled, br.stride)))
-                k = len(branches)
-                if br.resize == "squash":
-                    x = fn.resize(x, resize_x=float(br.size), resize_y=float(br.size), interp_type=interp[br.interpolation],
-                                  antialias=br.antialias, dtype=types.FLOAT, subpixel_scale=False)
-                elif br.resize == "short_side_crop":
-                    rx = fn.external_source(name=f"rx{k}", dtype=types.FLOAT, ndim=0)
-                    ry = fn.external_source(name=f"ry{k}", dtype=types.FLOAT, ndim=0)
-                    x = fn.resize(x, resize_x=rx, resize_y=ry, interp_type=interp[br.interpolation],
-                                  antialias=br.antialias, dtype=types.FLOAT, subpixel_scale=False)
-                else:
-                    raise ValueError(f"encoder {enc.name!r}: unknown resize mode {br.resize!r}")
-                branches[br] = (x, k)
-            x, k = branches[br]
-            p = enc.preprocess
-            crop: dict[str, Any] = {}
-            if br.resize == "short_side_crop":
-                crop = dict(crop=(br.size, br.size),
-                            crop_pos_x=fn.external_source(name=f"cx{k}", dtype=types.FLOAT, ndim=0),
-                            crop_pos_y=fn.external_source(name=f"cy{k}", dtype=types.FLOAT, ndim=0))
-            outputs.append(fn.crop_mirror_normalize(
-                x, mirror=flip if p.random_flip else 0, mean=[255.0 * m for m in p.mean],
-                std=[255.0 * s for s in p.std], output_layout="FCHW", dtype=dali_out, **crop))
-        pipe.set_outputs(*outputs)
+        pipe.set_outputs(*_encoder_outputs(video, encoders, frames_sampled, flip, dali_out))
     return pipe
+
+
+def _encoder_outputs(frames: Any, encoders: Sequence[EncoderConfig], frames_sampled: int, flip: Any, dali_out: Any,
+                     single_frame: bool = False) -> list[Any]:
+    """The per-encoder graph shared by the video and the image pipelines: decoded frames ("FHWC" uint8, on the
+    pipeline's device) -> one output per encoder, [T_e, 3, S, S] ("FCHW"). Encoders of one `_Branch` share a resize
+    (and, for short_side_crop, the external sources "rx{k}", "ry{k}", "cx{k}", "cy{k}": see `_feed_geometry`).
+    `single_frame`: the input holds ONE frame (an image), nothing is strided and each output is [1, 3, S, S]."""
+    from nvidia.dali import fn, types
+
+    interp = {"bilinear": types.INTERP_LINEAR, "bicubic": types.INTERP_CUBIC}
+    branches: dict[_Branch, tuple[Any, int]] = {}
+    outputs = []
+    for enc in encoders:
+        br = _branch(enc, frames_sampled, single_frame)
+        if br not in branches:
+            x = frames
+            if br.stride > 1:
+                x = fn.sequence_rearrange(x, new_order=list(range(0, frames_sampled, br.stride)))
+            k = len(branches)
+            if br.resize == "squash":
+                x = fn.resize(x, resize_x=float(br.size), resize_y=float(br.size), interp_type=interp[br.interpolation],
+                              antialias=br.antialias, dtype=types.FLOAT, subpixel_scale=False)
+            elif br.resize == "short_side_crop":
+                rx = fn.external_source(name=f"rx{k}", dtype=types.FLOAT, ndim=0)
+                ry = fn.external_source(name=f"ry{k}", dtype=types.FLOAT, ndim=0)
+                x = fn.resize(x, resize_x=rx, resize_y=ry, interp_type=interp[br.interpolation],
+                              antialias=br.antialias, dtype=types.FLOAT, subpixel_scale=False)
+            else:
+                raise ValueError(f"encoder {enc.name!r}: unknown resize mode {br.resize!r}")
+            branches[br] = (x, k)
+        x, k = branches[br]
+        p = enc.preprocess
+        crop: dict[str, Any] = {}
+        if br.resize == "short_side_crop":
+            crop = dict(crop=(br.size, br.size),
+                        crop_pos_x=fn.external_source(name=f"cx{k}", dtype=types.FLOAT, ndim=0),
+                        crop_pos_y=fn.external_source(name=f"cy{k}", dtype=types.FLOAT, ndim=0))
+        outputs.append(fn.crop_mirror_normalize(
+            x, mirror=flip if p.random_flip else 0, mean=[255.0 * m for m in p.mean],
+            std=[255.0 * s for s in p.std], output_layout="FCHW", dtype=dali_out, **crop))
+    return outputs
 
 
 def _to_torch(out: Any, clone: bool = True) -> torch.Tensor:
@@ -241,9 +276,7 @@ class DaliVideoLoader:
         self.device_id = device_id
         self.out_dtype = out_dtype
         self.sizes = dict(sizes or {})
-        self._branches: dict[_Branch, int] = {}
-        for enc in self.encoders:
-            self._branches.setdefault(_branch(enc, frames_sampled), len(self._branches))
+        self._branches = _branch_ids(self.encoders, frames_sampled)
         self._pipe = None
 
     # -- pipeline life cycle: a DALI pipeline is dead after a critical error, so it is rebuilt lazily
@@ -266,14 +299,8 @@ class DaliVideoLoader:
         pipe.feed_input("encoded", [_read_bytes(p) for p in paths])
         pipe.feed_input("frames", [np.asarray(i, dtype=np.int32) for i in indices])
         pipe.feed_input("flip", [np.array(int(bool(f)), dtype=np.int32) for f in flips])
-        for br, k in self._branches.items():
-            if br.resize != "short_side_crop":
-                continue
-            geo = [short_side_geometry(*self._size(p), br.size) for p in paths]
-            pipe.feed_input(f"rx{k}", [np.array(g[1], dtype=np.float32) for g in geo])
-            pipe.feed_input(f"ry{k}", [np.array(g[0], dtype=np.float32) for g in geo])
-            pipe.feed_input(f"cx{k}", [np.array(crop_pos(g[3], g[1] - br.size), dtype=np.float32) for g in geo])
-            pipe.feed_input(f"cy{k}", [np.array(crop_pos(g[2], g[0] - br.size), dtype=np.float32) for g in geo])
+        if any(br.resize == "short_side_crop" for br in self._branches):
+            _feed_geometry(pipe, self._branches, [self._size(p) for p in paths])
 
     def _run(self, paths, indices, flips) -> list[torch.Tensor]:
         pipe = self._pipeline()

@@ -74,3 +74,87 @@ def preprocess_all(frames: torch.Tensor, encoders: Sequence[EncoderConfig], fram
     specs = [encoder_input_spec(e, frames_sampled, dtype) for e in encoders]
     outs = _op.preprocess(frames, specs, flip)
     return [o.reshape(b, e.frames, 3, e.image_size, e.image_size).to(dtype) for o, e in zip(outs, encoders)]
+
+
+def _image_flag(is_image) -> bool:
+    """`is_image` as one bool: a batch is single-modality (a Batch's per-sample bool tensor must agree)."""
+    if isinstance(is_image, torch.Tensor):
+        if is_image.numel() == 0:
+            return False
+        if bool(is_image.all()) != bool(is_image.any()):
+            raise ValueError("a batch mixes images and videos: preprocess them separately")
+        return bool(is_image.all())
+    return bool(is_image)
+
+
+def preprocess_batch(frames: torch.Tensor | list[torch.Tensor], encoders: Sequence[EncoderConfig],
+                     frames_sampled: int, flip: torch.Tensor | None = None, dtype: torch.dtype = torch.float32,
+                     is_image: bool | torch.Tensor = False) -> list[torch.Tensor]:
+    """A collated batch's frames -> per encoder [B, T_e, 3, S, S] in `dtype`, in the batch's sample order.
+
+    `frames`: `Batch.frames`, i.e. uint8 [B, T, H, W, 3] when every sample has the same size, else a list of
+    per-sample [T, H, W, 3] tensors. Samples are grouped by frame size and each group goes through ONE fused
+    `preprocess` call; the results are scattered back into batch order (a single group is returned as is).
+
+    Videos: T == frames_sampled. Images (`is_image`): T == 1, a static video (MERV_SPEC.md section 1); the one frame
+    is preprocessed once and expanded along time to T_e. The result is an `expand` VIEW (stride 0 on the time axis):
+    every time step is bit-identical to preprocessing the frame repeated `frames_sampled` times, since each frame is
+    resized and normalised on its own. The encoders accept the view: MERV.encode feeds the per-frame encoders
+    (DINOv2, SigLIP) `px[:, :1]` for images, and the video encoders copy it on `flatten(0, 1)` (LanguageBind) or
+    inside the tubelet Conv3d (ViViT); tests/data/test_preprocess_batch.py checks that their features on the view
+    equal those on a contiguous copy. Call `.contiguous()` before writing into it in place.
+
+    `flip` (bool [B], batch order) mirrors each sample as in `preprocess_for_encoder` (LanguageBind only).
+    """
+    encoders = list(encoders)
+    image = _image_flag(is_image)
+    if isinstance(frames, torch.Tensor):
+        if frames.dim() != 5:
+            raise ValueError(f"frames must be uint8 [B, T, H, W, 3] or a list of [T, H, W, 3], got {tuple(frames.shape)}")
+        samples = None
+        shapes = [tuple(frames.shape[1:])] * frames.shape[0]
+    else:
+        samples = list(frames)
+        if not samples:
+            raise ValueError("an empty list of frames")
+        for i, f in enumerate(samples):
+            if f.dim() != 4:
+                raise ValueError(f"sample {i}: frames must be [T, H, W, 3], got {tuple(f.shape)}")
+        shapes = [tuple(f.shape) for f in samples]
+    b = len(shapes)
+    want = 1 if image else frames_sampled
+    for i, shape in enumerate(shapes):
+        if shape[0] != want:
+            kind = "an image needs 1 frame" if image else f"a video needs {frames_sampled} sampled frames"
+            raise ValueError(f"sample {i}: {kind}, got {shape[0]}")
+    if flip is not None and (flip.dim() != 1 or flip.shape[0] != b):
+        raise ValueError(f"flip must be bool [B={b}], got {tuple(flip.shape)}")
+
+    groups: dict[tuple, list[int]] = {}
+    for i, shape in enumerate(shapes):
+        groups.setdefault(shape, []).append(i)
+
+    def run(x: torch.Tensor, f: torch.Tensor | None) -> list[torch.Tensor]:
+        if not image:
+            return preprocess_all(x, encoders, frames_sampled, f, dtype)
+        # One frame, every encoder: the frame stride selects that frame whatever it is; [n, 1, 3, S, S] per encoder.
+        specs = [encoder_input_spec(e, frames_sampled, dtype) for e in encoders]
+        return [o.to(dtype) for o in _op.preprocess(x, specs, f)]
+
+    if len(groups) == 1:
+        x = frames if samples is None else (samples[0].unsqueeze(0) if b == 1 else torch.stack(samples))
+        outs = run(x, flip)
+    else:
+        outs = None
+        for idx in groups.values():
+            x = torch.stack([samples[i] for i in idx])
+            sub_flip = None if flip is None else flip[torch.tensor(idx, device=flip.device)]
+            part = run(x, sub_flip)
+            if outs is None:
+                outs = [torch.empty((b, *p.shape[1:]), dtype=p.dtype, device=p.device) for p in part]
+            where = torch.tensor(idx, device=part[0].device)
+            for o, p in zip(outs, part):
+                o.index_copy_(0, where, p)
+    if image:
+        outs = [o.expand(-1, e.frames, -1, -1, -1) for o, e in zip(outs, encoders)]
+    return outs
