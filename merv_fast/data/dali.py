@@ -1,9 +1,11 @@
-"""NVIDIA DALI video pipeline: encoded bytes + per-sample frame indices -> every encoder's model-ready input.
+"""NVIDIA DALI pipelines (videos and images): encoded bytes -> every encoder's model-ready input.
 
     ok, why = dali_available()
     loader = DaliVideoLoader(cfg.encoders, batch_size=8, device="auto")   # "gpu" (NVDEC, "mixed") | "cpu"
     inputs = loader.run_batch(paths, indices, flips)       # list (encoder order) of torch [B, T_e, 3, S, S]
     for inputs in loader.iterate(samples): ...              # samples: (path, indices[, flip]) triples
+
+    images = DaliImageLoader(cfg.encoders, batch_size=32).run_batch(jpeg_bytes_or_paths, flips)  # [B, 1, 3, S, S]
 
 DALI is optional: nothing here imports it at module import; `dali_available()` says why it cannot be used.
 
@@ -16,6 +18,10 @@ or resizes the short side to the sizes the torch reference computes (fed per sam
 and `fn.crop_mirror_normalize` center-crops at the reference's offsets, mirrors the samples whose flip flag is set
 (LanguageBind, an input per sample), normalises with the spec's mean/std and writes [T_e, 3, S, S] float32 or
 float16. bf16 is not a DALI output type: it is produced by a cast in torch after the DLPack hand-over.
+
+Images (`DaliImageLoader`, `build_image_pipeline`): `fn.decoders.image` ("mixed" = nvJPEG on a GPU) decodes each
+file to RGB, the image becomes a one-frame sequence and goes through the same per-encoder graph (`_encoder_outputs`);
+each encoder gets ONE frame, [B, 1, 3, S, S], which the caller expands along time (an image is a static video).
 
 Semantics are those of merv_fast.data.preprocess (the torch reference). Where DALI differs (measured on CPU by
 tests/data/test_dali.py against the reference on the same decoded frames, values in normalised units, i.e. after
@@ -56,6 +62,12 @@ DALI_TOLERANCE = {("bilinear", False): {"max": 1e-3, "mean": 1e-5},
                   ("bicubic", False): {"max": 0.03, "mean": 1e-4}}
 # Decoded frames vs PyAV (libswscale) at the same indices, uint8 levels (YUV->RGB conversion differs).
 DECODE_TOLERANCE = {"mean_abs": 3.0}
+# Decoded images vs Pillow (`Image.open(...).convert("RGB")`, EXIF transposed: merv_fast.data.decode.decode_image),
+# uint8 levels. PNG is lossless: exact on every device. JPEG: IDCT and chroma upsampling are the decoder's choice;
+# DALI's CPU decoder (libjpeg-turbo, as Pillow's) measured bit-exact on the synthetic baseline 4:2:0 JPEGs of
+# tests/data/test_dali_images.py; other libjpeg variants (nvJPEG on a GPU) may differ by a level or two, more at
+# sharp chroma edges, hence a bound on the mean and a loose one on the maximum.
+IMAGE_DECODE_TOLERANCE = {"png": {"max_abs": 0, "mean_abs": 0.0}, "jpeg": {"max_abs": 32, "mean_abs": 2.0}}
 CPU_CODECS = ("vp8", "vp9", "mjpeg")
 GPU_CODECS = ("h264", "hevc", "vp8", "vp9", "av1", "mpeg4", "mjpeg")
 
@@ -81,17 +93,23 @@ def _import_dali() -> tuple[Any, str | None]:
     return dali, None
 
 
-def dali_available(device: str = "cpu") -> tuple[bool, str]:
-    """(usable, reason). device "cpu": DALI imports (its CPU video decoder: VP8/VP9/MJPEG only);
-    device "gpu": DALI imports and torch sees a CUDA device (NVDEC decoding, "mixed")."""
+def dali_available(device: str = "cpu", media: str = "video") -> tuple[bool, str]:
+    """(usable, reason). device "cpu": DALI imports (its CPU video decoder: VP8/VP9/MJPEG only; its CPU image
+    decoder: JPEG, PNG and the other still formats); device "gpu": DALI imports and torch sees a CUDA device (NVDEC
+    video decoding / nvJPEG image decoding, "mixed"). `media` ("video" | "image") only changes the reason's words."""
+    if media not in ("video", "image"):
+        raise ValueError(f"media {media!r}: expected video | image")
     dali, why = _import_dali()
     if dali is None:
         return False, why
     version = dali.__version__
     if device == "gpu":
+        decoder = "NVDEC" if media == "video" else "nvJPEG"
         if not torch.cuda.is_available():
-            return False, f"DALI {version} imports, but no CUDA device is visible (mixed/NVDEC decoding needs one)"
-        return True, f"DALI {version}, GPU {torch.cuda.get_device_name()} (mixed: NVDEC decode, GPU preprocessing)"
+            return False, f"DALI {version} imports, but no CUDA device is visible (mixed/{decoder} decoding needs one)"
+        return True, f"DALI {version}, GPU {torch.cuda.get_device_name()} (mixed: {decoder} decode, GPU preprocessing)"
+    if media == "image":
+        return True, f"DALI {version} on the CPU (its CPU image decoder: JPEG/PNG/BMP/TIFF/WebP...)"
     return True, f"DALI {version} on the CPU (its CPU video decoder handles {'/'.join(CPU_CODECS)} only)"
 
 
@@ -168,17 +186,12 @@ def _feed_geometry(pipe, branches: dict[_Branch, int], sizes: Sequence[tuple[int
 
 
 # ----------------------------------------------------------------------------------------------- the pipeline
-def build_pipeline(encoders: Sequence[EncoderConfig], *, batch_size: int, device: str = "cpu",
-                   frames_sampled: int = 32, num_threads: int | None = None, device_id: int = 0,
-                   out_dtype: torch.dtype = torch.float32, decode_only: bool = False):
-    """A built DALI pipeline. External sources (fed by `DaliVideoLoader`): "encoded" uint8 [n], "frames" int32
-    [frames_sampled], "flip" int32 scalar, and per short_side_crop branch k: "rx{k}", "ry{k}" (resized width/height),
-    "cx{k}", "cy{k}" (crop positions). Outputs: one per encoder, [T_e, 3, S, S] ("FCHW"), or the decoded frames
-    [T, H, W, 3] uint8 when decode_only."""
+def _new_pipeline(batch_size: int, device: str, num_threads: int | None, device_id: int, out_dtype: torch.dtype):
+    """(an empty DALI pipeline, the resolved device "cpu" | "gpu", DALI's output type for `out_dtype`)."""
     dali, why = _import_dali()
     if dali is None:
         raise RuntimeError(why)
-    from nvidia.dali import fn, types
+    from nvidia.dali import types
 
     device = resolve_device(device)
     if device == "gpu" and not torch.cuda.is_available():
@@ -190,6 +203,19 @@ def build_pipeline(encoders: Sequence[EncoderConfig], *, batch_size: int, device
     pipe = dali.Pipeline(batch_size=batch_size, num_threads=threads,
                          device_id=device_id if device == "gpu" else None,
                          prefetch_queue_depth=1, exec_async=False, exec_pipelined=False)
+    return pipe, device, dali_out
+
+
+def build_pipeline(encoders: Sequence[EncoderConfig], *, batch_size: int, device: str = "cpu",
+                   frames_sampled: int = 32, num_threads: int | None = None, device_id: int = 0,
+                   out_dtype: torch.dtype = torch.float32, decode_only: bool = False):
+    """A built DALI pipeline. External sources (fed by `DaliVideoLoader`): "encoded" uint8 [n], "frames" int32
+    [frames_sampled], "flip" int32 scalar, and per short_side_crop branch k: "rx{k}", "ry{k}" (resized width/height),
+    "cx{k}", "cy{k}" (crop positions). Outputs: one per encoder, [T_e, 3, S, S] ("FCHW"), or the decoded frames
+    [T, H, W, 3] uint8 when decode_only."""
+    pipe, device, dali_out = _new_pipeline(batch_size, device, num_threads, device_id, out_dtype)
+    from nvidia.dali import fn, types
+
     with pipe:
         encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
         indices = fn.external_source(name="frames", dtype=types.INT32, ndim=1)
@@ -251,8 +277,37 @@ def _to_torch(out: Any, clone: bool = True) -> torch.Tensor:
     return t.clone() if clone else t
 
 
+def _outputs_to_torch(outs: Sequence[Any], out_dtype: torch.dtype) -> list[torch.Tensor]:
+    """A pipeline run's outputs -> torch tensors (bf16, not a DALI type, is cast here)."""
+    tensors = [_to_torch(o) for o in outs]
+    if out_dtype == torch.bfloat16:
+        tensors = [t.to(torch.bfloat16) for t in tensors]
+    return tensors
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:300] if text else ''}"
+
+
 def _read_bytes(path: str | os.PathLike) -> np.ndarray:
     return np.fromfile(str(path), dtype=np.uint8)
+
+
+def _run_naming_failures(run, device: str, keys: Sequence[str], samples: Sequence[tuple]) -> list[torch.Tensor]:
+    """run(*columns of samples) for the batch; when it fails, each sample is run alone to name the ones that fail
+    (by key: a path, or "#i" for in-memory bytes) in the DaliDecodeError raised."""
+    try:
+        return run(*map(list, zip(*samples)))
+    except (RuntimeError, IndexError, OSError) as err:
+        bad = {}
+        for key, sample in zip(keys, samples):
+            try:
+                run(*([v] for v in sample))
+            except Exception as one:  # noqa: BLE001 - reported by key
+                bad[key] = _first_line(one)
+        raise DaliDecodeError(f"DALI ({device}) failed on {len(bad) or 'some'} of {len(keys)} files: "
+                              f"{bad or str(err)[:300]}", bad) from err
 
 
 class DaliVideoLoader:
@@ -310,10 +365,7 @@ class DaliVideoLoader:
         except Exception:
             self._pipe = None  # the pipeline is no longer valid after a critical error
             raise
-        tensors = [_to_torch(o) for o in outs]
-        if self.out_dtype == torch.bfloat16:
-            tensors = [t.to(torch.bfloat16) for t in tensors]
-        return tensors
+        return _outputs_to_torch(outs, self.out_dtype)
 
     def run_batch(self, paths: Sequence[str | os.PathLike], indices: Sequence[Sequence[int]],
                   flips: Sequence[bool] | None = None) -> list[torch.Tensor]:
@@ -322,17 +374,7 @@ class DaliVideoLoader:
         if not 0 < len(paths) <= self.batch_size:
             raise ValueError(f"a batch holds 1..{self.batch_size} samples, got {len(paths)}")
         flips = list(flips) if flips is not None else [False] * len(paths)
-        try:
-            return self._run(paths, indices, flips)
-        except (RuntimeError, IndexError, OSError) as err:
-            bad = {}
-            for p, i, f in zip(paths, indices, flips):
-                try:
-                    self._run([p], [i], [f])
-                except Exception as one:  # noqa: BLE001 - reported by path
-                    bad[p] = f"{type(one).__name__}: {str(one).strip().splitlines()[0][:300] if str(one).strip() else ''}"
-            raise DaliDecodeError(f"DALI ({self.device}) failed on {len(bad) or 'some'} of {len(paths)} files: "
-                                  f"{bad or str(err)[:300]}", bad) from err
+        return _run_naming_failures(self._run, self.device, paths, list(zip(paths, indices, flips)))
 
     __call__ = run_batch
 
@@ -350,6 +392,178 @@ class DaliVideoLoader:
     def _run_samples(self, batch: list[tuple]) -> list[torch.Tensor]:
         return self.run_batch([s[0] for s in batch], [s[1] for s in batch],
                               [bool(s[2]) if len(s) > 2 else False for s in batch])
+
+
+# ----------------------------------------------------------------------------------------------- images
+def build_image_pipeline(encoders: Sequence[EncoderConfig], *, batch_size: int, device: str = "cpu",
+                         frames_sampled: int = 32, num_threads: int | None = None, device_id: int = 0,
+                         out_dtype: torch.dtype = torch.float32, decode_only: bool = False):
+    """The image twin of `build_pipeline`: "encoded" (a JPEG/PNG/... file's bytes) -> `fn.decoders.image` (RGB; EXIF
+    orientation applied; "mixed" = nvJPEG on a GPU) -> the image as a one-frame sequence ("FHWC") -> the SAME
+    per-encoder graph as videos (`_encoder_outputs`), so each output is [1, 3, S, S]: one frame, which the caller
+    expands along time (a static video, MERV_SPEC.md section 1). External sources: "encoded", "flip", and the
+    short_side_crop geometry ("rx{k}", ... as in `build_pipeline`, k from `_branch_ids(..., single_frame=True)`).
+    decode_only: the decoded image, uint8 [H, W, 3]."""
+    pipe, device, dali_out = _new_pipeline(batch_size, device, num_threads, device_id, out_dtype)
+    from nvidia.dali import fn, types
+
+    with pipe:
+        encoded = fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)
+        image = fn.decoders.image(encoded, device="mixed" if device == "gpu" else "cpu", output_type=types.RGB)
+        if decode_only:
+            pipe.set_outputs(image)
+            return pipe
+        frame = fn.expand_dims(image, axes=[0], new_axis_names="F")
+        flip = fn.external_source(name="flip", dtype=types.INT32, ndim=0)
+        pipe.set_outputs(*_encoder_outputs(frame, encoders, frames_sampled, flip, dali_out, single_frame=True))
+    return pipe
+
+
+@functools.lru_cache(maxsize=4)
+def _peek_pipeline(batch_size: int):
+    """(H, W, C) of encoded images from their headers (`fn.peek_image_shape`, EXIF orientation applied as the
+    decoder applies it), on the CPU: the host needs the sizes to compute the short_side_crop geometry."""
+    dali, why = _import_dali()
+    if dali is None:
+        raise RuntimeError(why)
+    from nvidia.dali import fn, types
+
+    pipe = dali.Pipeline(batch_size=batch_size, num_threads=1, device_id=None, prefetch_queue_depth=1,
+                         exec_async=False, exec_pipelined=False)
+    with pipe:
+        pipe.set_outputs(fn.peek_image_shape(fn.external_source(name="encoded", dtype=types.UINT8, ndim=1)))
+    return pipe
+
+
+def _image_bytes(image) -> np.ndarray:
+    """An image given as its encoded bytes (bytes, bytearray, memoryview, uint8 ndarray) or a path -> uint8 [n]."""
+    if isinstance(image, (str, os.PathLike)):
+        return _read_bytes(image)
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim != 1:
+            raise ValueError(f"encoded image bytes must be uint8 [n], got {image.dtype} {image.shape}")
+        return image
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        return np.frombuffer(image, dtype=np.uint8)
+    raise TypeError(f"an image is its encoded bytes or a path, not {type(image).__name__}")
+
+
+def _image_key(image, i: int) -> str:
+    return str(image) if isinstance(image, (str, os.PathLike)) else f"#{i}"
+
+
+class DaliImageLoader:
+    """Batches of encoded images (JPEG, PNG, ...: bytes or paths) -> per encoder [B, 1, 3, S, S] (encoder order).
+
+        loader = DaliImageLoader(cfg.encoders, batch_size=32, device="auto")   # "gpu" (nvJPEG, "mixed") | "cpu"
+        inputs = loader.run_batch(images, flips)       # each image ONE frame; expand along time for the model:
+        pixels = [x.expand(-1, enc.frames, -1, -1, -1) for x, enc in zip(inputs, cfg.encoders)]
+
+    The resize / crop / flip / normalise graph is the video pipeline's (`_encoder_outputs`), so the tolerances
+    against the torch reference are DALI_TOLERANCE (measured on CPU, tests/data/test_dali_images.py, five JPEG/PNG
+    images 129x200 to 320x240, up- and downscaled: max |diff| 2e-5 LanguageBind, 5.5e-3 DINOv2, 2.1e-3 ViViT,
+    2.5e-3 SigLIP, normalised units). Decoded pixels: IMAGE_DECODE_TOLERANCE against Pillow.
+    Images decode to RGB (grayscale replicated, alpha dropped) with their EXIF orientation applied, as
+    merv_fast.data.decode.decode_image; the sizes for short_side_crop come from the headers (`fn.peek_image_shape`).
+    """
+
+    def __init__(self, encoders: Sequence[EncoderConfig], batch_size: int, *, device: str = "auto",
+                 frames_sampled: int = 32, num_threads: int | None = None, device_id: int = 0,
+                 out_dtype: torch.dtype = torch.float32):
+        ok, why = dali_available("gpu" if resolve_device(device) == "gpu" else "cpu", media="image")
+        if not ok:
+            raise RuntimeError(why)
+        self.encoders = list(encoders)
+        self.batch_size = batch_size
+        self.device = resolve_device(device)
+        self.frames_sampled = frames_sampled
+        self.num_threads = num_threads
+        self.device_id = device_id
+        self.out_dtype = out_dtype
+        self._branches = _branch_ids(self.encoders, frames_sampled, single_frame=True)
+        self._pipe = None
+
+    def _pipeline(self):
+        if self._pipe is None:  # rebuilt lazily after a critical error, as DaliVideoLoader's
+            self._pipe = build_image_pipeline(self.encoders, batch_size=self.batch_size, device=self.device,
+                                              frames_sampled=self.frames_sampled, num_threads=self.num_threads,
+                                              device_id=self.device_id, out_dtype=self.out_dtype)
+        return self._pipe
+
+    def _sizes(self, data: Sequence[np.ndarray]) -> list[tuple[int, int]]:
+        pipe = _peek_pipeline(self.batch_size)
+        try:
+            pipe.feed_input("encoded", list(data))
+            (shapes,) = pipe.run()
+        except Exception:
+            _peek_pipeline.cache_clear()
+            raise
+        return [(int(shapes.at(i)[0]), int(shapes.at(i)[1])) for i in range(len(data))]
+
+    def _run(self, data: Sequence[np.ndarray], flips: Sequence[bool]) -> list[torch.Tensor]:
+        pipe = self._pipeline()
+        try:
+            pipe.feed_input("encoded", list(data))
+            pipe.feed_input("flip", [np.array(int(bool(f)), dtype=np.int32) for f in flips])
+            if any(br.resize == "short_side_crop" for br in self._branches):
+                _feed_geometry(pipe, self._branches, self._sizes(data))
+            outs = pipe.run()
+        except Exception:
+            self._pipe = None
+            raise
+        return _outputs_to_torch(outs, self.out_dtype)
+
+    def run_batch(self, images: Sequence, flips: Sequence[bool] | None = None) -> list[torch.Tensor]:
+        """One batch (at most batch_size images) -> per encoder [B, 1, 3, S, S]. A batch that fails raises
+        DaliDecodeError naming each image that fails alone (its path, or "#i" for bytes at position i)."""
+        images = list(images)
+        if not 0 < len(images) <= self.batch_size:
+            raise ValueError(f"a batch holds 1..{self.batch_size} images, got {len(images)}")
+        flips = list(flips) if flips is not None else [False] * len(images)
+        if len(flips) != len(images):
+            raise ValueError(f"{len(images)} images but {len(flips)} flip flags")
+        data = [_image_bytes(im) for im in images]
+        keys = [_image_key(im, i) for i, im in enumerate(images)]
+        return _run_naming_failures(self._run, self.device, keys, list(zip(data, flips)))
+
+    __call__ = run_batch
+
+    def iterate(self, samples: Iterable) -> Iterator[list[torch.Tensor]]:
+        """samples: an image (bytes or path) or (image, flip); yields per-batch lists of encoder tensors."""
+        batch: list[tuple] = []
+        for sample in samples:
+            batch.append(sample if isinstance(sample, tuple) else (sample, False))
+            if len(batch) == self.batch_size:
+                yield self.run_batch([s[0] for s in batch], [bool(s[1]) for s in batch])
+                batch = []
+        if batch:
+            yield self.run_batch([s[0] for s in batch], [bool(s[1]) for s in batch])
+
+
+@functools.lru_cache(maxsize=4)
+def _decode_image_pipeline(device: str, device_id: int):
+    return build_image_pipeline([], batch_size=1, device=device, device_id=device_id, decode_only=True)
+
+
+def decode_image(image, device: str = "auto", device_id: int = 0) -> np.ndarray:
+    """One encoded image (bytes or a path) -> uint8 [H, W, 3] RGB in host memory, decoded by DALI (EXIF orientation
+    applied). Raises DaliDecodeError with the reason when DALI cannot."""
+    dev = resolve_device(device)
+    ok, why = dali_available(dev, media="image")
+    if not ok:
+        raise DaliDecodeError(why)
+    pipe = _decode_image_pipeline(dev, device_id)
+    try:
+        pipe.feed_input("encoded", [_image_bytes(image)])
+        (out,) = pipe.run()
+    except Exception as err:
+        _decode_image_pipeline.cache_clear()
+        text = _first_line(err)
+        raise DaliDecodeError(f"{_image_key(image, 0)}: DALI ({dev}) could not decode the image: {text}",
+                              {_image_key(image, 0): text}) from err
+    if dev == "gpu":
+        out = out.as_cpu()
+    return np.array(out.as_tensor())[0]
 
 
 # ----------------------------------------------------------------------------------------------- decode only

@@ -110,7 +110,8 @@ def preprocess_batch(frames: torch.Tensor | list[torch.Tensor], encoders: Sequen
     image = _image_flag(is_image)
     if isinstance(frames, torch.Tensor):
         if frames.dim() != 5:
-            raise ValueError(f"frames must be uint8 [B, T, H, W, 3] or a list of [T, H, W, 3], got {tuple(frames.shape)}")
+            raise ValueError(f"frames must be uint8 [B, T, H, W, 3] or a list of [T, H, W, 3], "
+                             f"got {tuple(frames.shape)}")
         samples = None
         shapes = [tuple(frames.shape[1:])] * frames.shape[0]
     else:
