@@ -43,6 +43,35 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_profile(args) -> int:
+    from merv_fast.config import parse_cli_overrides
+    from merv_fast.measure.profile import ProfileSettings, run_profile
+
+    run_profile(ProfileSettings(preset=args.preset, baseline=args.baseline, steps=args.steps, warmup=args.warmup,
+                                batch_size=args.batch_size, text_tokens=args.text_tokens, seed=args.seed,
+                                device=args.device, out=args.out, overrides=parse_cli_overrides(args.overrides)))
+    return 0
+
+
+def cmd_results_table(args) -> int:
+    from merv_fast.measure.report import readme_table, update_readme
+
+    table = readme_table(args.results_dir)
+    if args.write is None:
+        print(table, end="")
+        return 0
+    changed = update_readme(args.write, table, check=args.check)
+    if args.check:
+        if changed:
+            print(f"{args.write}: the performance table is stale; "
+                  f"run `merv-fast results-table --write {args.write}`", file=sys.stderr)
+            return 1
+        print(f"{args.write}: the performance table is up to date")
+        return 0
+    print(f"{args.write}: performance table {'rewritten' if changed else 'already up to date'}")
+    return 0
+
+
 def cmd_data_check(args) -> int:
     from merv_fast.data.check import run_check
 
@@ -56,6 +85,28 @@ def cmd_data_synth(args) -> int:
     result = synthesize(args.out, videos=args.videos, images=args.images, texts=args.texts, seed=args.seed)
     print(f"wrote {len(result['videos'])} videos, {len(result['images'])} images and {result['entries']} entries "
           f"to {result['json']} (media root {result['media_root']})")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from merv_fast.config import load_config, parse_cli_overrides
+    from merv_fast.train.config import TrainConfig, make_train_config
+    from merv_fast.train.loop import train
+
+    # --set keys that are training settings go to the TrainConfig; the rest are model-config overrides.
+    overrides = parse_cli_overrides(args.overrides)
+    train_keys = set(TrainConfig.__dataclass_fields__) - {"explicit"}
+    train_over = {k: v for k, v in overrides.items() if k.replace("-", "_") in train_keys}
+    model_over = {k: v for k, v in overrides.items() if k not in train_over}
+    model_cfg = load_config(args.preset or "tiny", args.model_config, model_over)
+    cfg = make_train_config(args.recipe, args.config, train_over, preset=model_cfg.name, data=args.data,
+                            media_root=args.media_root, out=args.out, seed=args.seed, max_steps=args.max_steps,
+                            total_steps=args.total_steps, resume=True if args.resume else None,
+                            init_from=args.init_from, device=args.device)
+    summary = train(cfg, model_cfg)
+    if summary.get("final_loss") is not None:
+        print(f"trained {summary['steps']} steps (of {summary['total_steps']}); final loss {summary['final_loss']:.4f}; "
+              f"bad samples {summary['bad_samples']['failures']}; metrics in {cfg.out}/metrics.jsonl")
     return 0
 
 
@@ -85,6 +136,45 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     p.add_argument("--out", default="runs/bench")
     p.set_defaults(fn=cmd_bench)
+
+    p = sub.add_parser("profile", help="torch.profiler over training steps of MERV and its baseline: "
+                                       "trace, per-phase table, PNG plots")
+    p.add_argument("--preset", default=None, help="default: tiny on CPU, merv-1b on a GPU")
+    p.add_argument("--baseline", default=None, help="default: the preset's single-encoder twin")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--steps", type=int, default=3, help="profiled steps")
+    p.add_argument("--warmup", type=int, default=2, help="unprofiled warm-up steps first")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--text-tokens", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default="runs/profile")
+    p.set_defaults(fn=cmd_profile)
+
+    p = sub.add_parser("results-table", help="the README's performance table, generated from bench/results/")
+    p.add_argument("--results-dir", default="bench/results")
+    p.add_argument("--write", default=None, metavar="README.md",
+                   help="rewrite the table between its markers in this file (default: print it)")
+    p.add_argument("--check", action="store_true", help="with --write: change nothing, exit 1 if the table is stale")
+    p.set_defaults(fn=cmd_results_table)
+
+    p = sub.add_parser("train", help="train MERV (one process, or under torchrun: FSDP2 over the ranks)")
+    p.add_argument("--recipe", default="merv-frozen", help="merv-frozen | merv-full-stage1 | merv-full-stage2")
+    p.add_argument("--preset", default=None, help="model preset (default tiny)")
+    p.add_argument("--config", default=None, help="YAML of training settings (may name its own `recipe`)")
+    p.add_argument("--model-config", default=None, help="YAML of model-config overrides (may name its own `preset`)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a training setting (lr=1e-4, loss_norm=release, ...) or a model-config key (llm.num_layers=4)")
+    p.add_argument("--data", default=None, help="LLaVA-format JSON (default: synthetic data, generated once)")
+    p.add_argument("--media-root", default=None, help="directory the JSON's media paths are relative to")
+    p.add_argument("--out", default=None, help="run directory (metrics.jsonl, checkpoints; default runs/train)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after N steps (the schedule is unchanged)")
+    p.add_argument("--total-steps", type=int, default=None, help="the schedule's length (default: from epochs)")
+    p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--init-from", default=None, help="initial weights: a release checkpoint or our exported weights")
+    p.add_argument("--device", default=None)
+    p.set_defaults(fn=cmd_train)
 
     data = sub.add_parser("data", help="datasets: synthesise one, check one").add_subparsers(dest="data_command",
                                                                                           required=True)

@@ -8,6 +8,7 @@ peak memory, and MFU on GPU; plus the MERV/baseline step-time ratio.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import platform
@@ -58,17 +59,53 @@ class BenchSettings:
         return s
 
 
+class StepRunner:
+    """One model, its optimizer and the bench's training step, reusable: `merv-fast bench`, the pytest-benchmark
+    suite and `merv-fast profile` all run the same step. `phase(name)` is a context-manager factory wrapped around
+    each phase (the bench's PhaseTimer by default; the profiler adds record_function ranges)."""
+
+    def __init__(self, preset: str, s: BenchSettings):
+        self.settings = s
+        self.device = torch.device(s.device)
+        gpu = self.device.type == "cuda"
+        torch.manual_seed(s.seed)
+        self.model = build_model(preset, device=self.device, **s.overrides)
+        if s.activation_checkpointing:
+            self.model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.config = self.model.config
+        self.optimizer = build_optimizer(self.model, lr=s.lr, weight_decay=0.1)
+        self.gpu = gpu
+        self.enc_dtype = next(self.model.encoders.parameters()).dtype
+
+    def autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16) if self.gpu else torch.autocast("cpu", enabled=False)
+
+    def step(self, batch, phase=None) -> torch.Tensor:
+        """One training step on `batch`; returns the loss (a tensor: reading it synchronises, so callers choose)."""
+        phase = phase or (lambda name: contextlib.nullcontext())
+        model, cfg = self.model, self.config
+        with phase("data"):
+            b = batch.to(self.device)
+            pixels = preprocess_all(b.frames, cfg.encoders, cfg.visual.frames_sampled, b.flip, self.enc_dtype)
+        with self.autocast():
+            with phase("encoders"):
+                features = model.encode(pixels)
+            with phase("visual"):
+                visual = model.visual_tokens(features)
+            with phase("llm_forward"):
+                loss = model.language_model_forward(b.input_ids, b.attention_mask, b.labels, visual).loss
+        with phase("backward"):
+            loss.backward()
+        with phase("optimizer"):
+            torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), 1.0)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+
 def train_steps(preset: str, s: BenchSettings, batches) -> dict:
-    device = torch.device(s.device)
-    gpu = device.type == "cuda"
-    torch.manual_seed(s.seed)
-    model = build_model(preset, device=device, **s.overrides)
-    if s.activation_checkpointing:
-        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    cfg = model.config
-    optimizer = build_optimizer(model, lr=s.lr, weight_decay=0.1)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if gpu else torch.autocast("cpu", enabled=False)
-    enc_dtype = next(model.encoders.parameters()).dtype
+    runner = StepRunner(preset, s)
+    device, gpu, cfg = runner.device, runner.gpu, runner.config
     timer = PhaseTimer(device)
     step_times, phase_rows, losses = [], [], []
     if gpu:
@@ -76,22 +113,7 @@ def train_steps(preset: str, s: BenchSettings, batches) -> dict:
     for i in range(s.warmup + s.steps):
         batch = batches[i % len(batches)]
         t0 = time.perf_counter()
-        with timer.phase("data"):
-            b = batch.to(device)
-            pixels = preprocess_all(b.frames, cfg.encoders, cfg.visual.frames_sampled, b.flip, enc_dtype)
-        with autocast:
-            with timer.phase("encoders"):
-                features = model.encode(pixels)
-            with timer.phase("visual"):
-                visual = model.visual_tokens(features)
-            with timer.phase("llm_forward"):
-                loss = model.language_model_forward(b.input_ids, b.attention_mask, b.labels, visual).loss
-        with timer.phase("backward"):
-            loss.backward()
-        with timer.phase("optimizer"):
-            torch.nn.utils.clip_grad_norm_(model.trainable_parameters(), 1.0)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        loss = runner.step(batch, timer.phase)
         phases = timer.collect()  # synchronises the GPU: the step's wall time below is complete
         elapsed = time.perf_counter() - t0
         if i >= s.warmup:

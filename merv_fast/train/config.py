@@ -1,0 +1,145 @@
+"""`TrainConfig`: the trainer's settings, from a recipe (MERV_SPEC.md section 6), then a YAML file, then `key=value`
+overrides (the same dotted-override parsing as the model config, `merv_fast.config.parse_cli_overrides`)."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from merv_fast.config import ConfigError, parse_cli_overrides
+
+# The spec's recipes. Everything not named here is the spec's common default (AdamW, wd 0.1 except where the table
+# says 0, warmup ratio 0.03 then cosine, clip 1.0, bf16, frozen encoders, activation checkpointing on LLM layers).
+RECIPES: dict[str, dict[str, Any]] = {
+    "merv-frozen": {"lr": 2e-5, "global_batch_size": 128, "epochs": 1.0, "weight_decay": 0.1},
+    "merv-full-stage1": {"lr": 1e-4, "global_batch_size": 256, "epochs": 1.0, "weight_decay": 0.0},
+    "merv-full-stage2": {"lr": 2e-5, "global_batch_size": 128, "epochs": 1.0, "weight_decay": 0.1},
+}
+
+# CPU test presets cannot take a 128-sample step in reasonable time: unless the batch sizes were set explicitly,
+# these presets use this global batch (the learning rate and everything else stay the recipe's).
+SMALL_PRESETS = {"tiny": 4, "single-tiny": 4}
+
+LOSS_NORMS = ("tokens", "release")
+AC_MODES = ("full", "selective", "off")
+NAN_POLICIES = ("stop", "skip")
+DTYPES = ("bfloat16", "float32", "float16")
+
+
+@dataclass
+class TrainConfig:
+    recipe: str = "merv-frozen"
+    lr: float = 2e-5
+    weight_decay: float = 0.1
+    warmup_ratio: float = 0.03
+    global_batch_size: int = 128
+    micro_batch_size: int | None = None  # per rank; None: the largest divisor of the per-rank share <= 16
+    epochs: float = 1.0
+    total_steps: int | None = None  # the schedule's length; None: from epochs and the dataset size
+    max_steps: int | None = None  # stop early (never changes the schedule)
+    grad_clip: float = 1.0
+    loss_norm: str = "tokens"  # tokens | release
+    activation_checkpointing: str = "full"  # full | selective (every other LLM layer) | off
+    compile_llm: bool = False
+    param_dtype: str = "bfloat16"  # FSDP2 mixed precision on GPU (CPU runs in fp32)
+    reduce_dtype: str = "float32"
+    hybrid_shard: bool = False  # 2-D mesh: replicate across nodes, shard within a node
+    seed: int = 0
+    save_every: int = 0  # 0: only the final checkpoint
+    keep_last: int = 2
+    out: str = "runs/train"
+    data: str | None = None  # LLaVA JSON; None: synthetic data, generated once into a cache directory
+    media_root: str | None = None
+    decoder: str = "auto"
+    nan_policy: str = "stop"  # stop | skip
+    num_workers: int = 2
+    split: str = "kind"  # sampler grouping: kind (video/image/text) | release (multimodal/text)
+    log_every: int = 1
+    resume: bool = False
+    init_from: str | None = None
+    device: str | None = None  # default: cuda:LOCAL_RANK when CUDA is available, else cpu
+    explicit: list[str] = field(default_factory=list, repr=False)  # keys set by the user (not the recipe)
+
+    def validate(self) -> "TrainConfig":
+        if self.recipe not in RECIPES:
+            raise ConfigError(f"unknown recipe {self.recipe!r}; recipes are {sorted(RECIPES)}")
+        for key, allowed in (("loss_norm", LOSS_NORMS), ("activation_checkpointing", AC_MODES),
+                             ("nan_policy", NAN_POLICIES), ("param_dtype", DTYPES), ("reduce_dtype", DTYPES),
+                             ("split", ("kind", "release"))):
+            if getattr(self, key) not in allowed:
+                raise ConfigError(f"{key}={getattr(self, key)!r}; choose one of {list(allowed)}")
+        if self.global_batch_size < 1:
+            raise ConfigError(f"global_batch_size must be positive, got {self.global_batch_size}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ConfigError(f"micro_batch_size must be positive, got {self.micro_batch_size}")
+        for key in ("total_steps", "max_steps"):
+            v = getattr(self, key)
+            if v is not None and v < 1:
+                raise ConfigError(f"{key} must be positive, got {v}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.pop("explicit")
+        return d
+
+
+_FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig) if f.name != "explicit"}
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """YAML gives ints for `1` where a float is meant, strings for `1e-4` (YAML 1.1): fix what is unambiguous."""
+    current = TrainConfig.__dataclass_fields__[key].default
+    if key == "activation_checkpointing" and isinstance(value, bool):  # YAML 1.1 reads `off`/`on` as booleans
+        return "full" if value else "off"
+    if isinstance(value, str) and key in ("lr", "weight_decay", "warmup_ratio", "epochs", "grad_clip"):
+        try:
+            return float(value)
+        except ValueError:
+            raise ConfigError(f"{key}={value!r} is not a number") from None
+    if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if key == "compile_llm" or key in ("hybrid_shard", "resume"):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def make_train_config(recipe: str = "merv-frozen", config_file: str | Path | None = None,
+                      overrides: dict[str, Any] | list[str] | None = None, preset: str | None = None,
+                      **kwargs: Any) -> TrainConfig:
+    """Recipe defaults, then the YAML file's keys (it may name its own `recipe`), then `overrides` (a dict or
+    `key=value` strings), then keyword arguments (the CLI's flags). Keys left as the recipe set them may be adapted to
+    small presets (see SMALL_PRESETS)."""
+    values: dict[str, Any] = {}
+    if config_file is not None:
+        import yaml
+
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(loaded).__name__}")
+        values.update(loaded)
+    if isinstance(overrides, list):
+        overrides = parse_cli_overrides(overrides)
+    values.update(overrides or {})
+    values.update({k: v for k, v in kwargs.items() if v is not None})
+    recipe = values.pop("recipe", None) or recipe
+    if recipe not in RECIPES:
+        raise ConfigError(f"unknown recipe {recipe!r}; recipes are {sorted(RECIPES)}")
+    cfg = TrainConfig(recipe=recipe, **RECIPES[recipe])
+    for key, value in values.items():
+        key = key.replace("-", "_")
+        if key not in _FIELDS:
+            raise ConfigError(f"unknown training key {key!r}; known keys: {sorted(_FIELDS)}")
+        setattr(cfg, key, _coerce(key, value))
+        cfg.explicit.append(key)
+    if preset in SMALL_PRESETS and "global_batch_size" not in cfg.explicit:
+        cfg.global_batch_size = SMALL_PRESETS[preset]
+    return cfg.validate()

@@ -1,0 +1,208 @@
+"""Distribution: process group from the torchrun environment, and FSDP2 (`fully_shard`) of the trainable model.
+
+What is sharded (one FSDP2 unit each): every LLM decoder layer; the visual path (projectors + fusion); and a root unit,
+`TrainModule`, holding what remains of the LLM (embeddings, final norm, LM head). The frozen encoders are not part of
+`TrainModule` at all: they stay plain, replicated on every rank, in eval mode, and run under `no_grad` outside it.
+
+Every rank must run the same FSDP units every micro-step, or the collectives hang: a text-only micro-batch still runs
+the visual path, on one zero "dummy" feature sample, and adds `0 * visual.sum()` to its loss (so the visual path's
+reduce-scatter happens too, with zero gradients). `TrainModule.forward` does this whenever `features` is None.
+
+Activation checkpointing per LLM layer, through transformers' own per-layer checkpointing (non-reentrant):
+"full" = every decoder layer, "selective" = every other layer (layers 0, 2, 4, ...: about half the recomputation for
+about half the saved activations), "off". Optional `torch.compile` of each decoder layer. Hybrid sharding: a 2-D device
+mesh (replicate across nodes x shard within a node, the node size from LOCAL_WORLD_SIZE).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+try:  # torch >= 2.6 exports FSDP2 here
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+except ImportError:  # older spelling
+    from torch.distributed._composable.fsdp import (CPUOffloadPolicy, FSDPModule,  # type: ignore[no-redef]
+                                                    MixedPrecisionPolicy, fully_shard)
+
+from merv_fast.model.llm import IGNORE_INDEX
+
+__all__ = ["DistInfo", "init_distributed", "TrainModule", "shard_model", "apply_activation_checkpointing",
+           "is_fsdp", "CPUOffloadPolicy", "FSDPModule", "MixedPrecisionPolicy", "fully_shard", "all_reduce_sum",
+           "barrier"]
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    device: torch.device = torch.device("cpu")
+    initialized_here: bool = False
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str | None = None, timeout_s: float = 1800.0) -> DistInfo:
+    """Read torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR/PORT) and start the
+    process group: NCCL on CUDA, gloo on CPU. A plain `python`/`merv-fast` run is one process, no group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+    if device is None:
+        device = f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if dev.index is None:
+            dev = torch.device("cuda", local_rank)
+        torch.cuda.set_device(dev)
+    here = False
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        here = True
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    return DistInfo(rank, world, local_rank, local_world, dev, here)
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier() -> None:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+class TrainModule(nn.Module):
+    """The trainable part of MERV (visual path + LLM) as one module, so that FSDP2's root unit wraps the whole
+    forward (the LLM's embeddings are called outside `llm.forward` in `MERV.language_model_forward`). The frozen
+    encoders are deliberately not registered here: they are never sharded."""
+
+    def __init__(self, merv: nn.Module):
+        super().__init__()
+        self.visual = merv.visual
+        self.llm = merv.llm
+        object.__setattr__(self, "_merv", merv)  # not a submodule (its encoders must stay out of FSDP)
+        self._dummy_shapes: list[tuple[int, ...]] | None = None
+
+    @property
+    def merv(self) -> nn.Module:
+        return self._merv
+
+    def dummy_features(self, device: torch.device, dtype: torch.dtype) -> list[torch.Tensor]:
+        """One all-zero sample of encoder features, shaped as the encoders' outputs (measured once, on a zero input)."""
+        if self._dummy_shapes is None:
+            cfg = self.merv.config
+            pixels = []
+            for enc in cfg.encoders:
+                enc_dtype = next(self.merv.encoders[enc.name].parameters()).dtype
+                pixels.append(torch.zeros(1, enc.frames, 3, enc.image_size, enc.image_size, device=device,
+                                          dtype=enc_dtype))
+            self._dummy_shapes = [tuple(f.shape) for f in self.merv.encode(pixels)]
+        return [torch.zeros(s, device=device, dtype=dtype) for s in self._dummy_shapes]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None,
+                features: list[torch.Tensor] | None = None, num_items_in_batch: torch.Tensor | None = None):
+        """-> (loss, visual token count per sample). `num_items_in_batch` given: the loss is the SUM of the per-token
+        losses divided by it (transformers' loss); else the mean over this micro-batch's supervised tokens."""
+        kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+        if features is not None:
+            visual = self.visual(features)
+            out = self.merv.language_model_forward(input_ids, attention_mask, labels, visual, **kwargs)
+            return out.loss, visual.shape[1]
+        # Text-only: the visual path still runs (every rank runs every FSDP unit), with zero weight on the loss.
+        dtype = next(self.visual.parameters()).dtype
+        dummy = self.visual(self.dummy_features(input_ids.device, dtype))
+        out = self.merv.language_model_forward(input_ids, attention_mask, labels, None, **kwargs)
+        return out.loss + 0.0 * dummy.float().sum(), 0
+
+
+def supervised_targets(labels: torch.Tensor, num_visual: int, has_bos: bool) -> int:
+    """How many positions the LLM loss averages over for this micro-batch: the spliced labels, shifted by one."""
+    if num_visual:
+        p = 1 if has_bos else 0
+        ignored = labels.new_full((labels.shape[0], num_visual), IGNORE_INDEX)
+        labels = torch.cat([labels[:, :p], ignored, labels[:, p:]], dim=1)
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def decoder_layers(llm: nn.Module) -> nn.ModuleList:
+    return llm.model.layers
+
+
+def apply_activation_checkpointing(llm: nn.Module, mode: str) -> None:
+    """full: every decoder layer; selective: every other layer (0, 2, ...); off: none."""
+    if mode == "off":
+        return
+    import warnings
+
+    with warnings.catch_warnings():  # transformers 5 renamed it (activation_checkpointing_enable); both work
+        warnings.simplefilter("ignore", FutureWarning)
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if mode == "selective":
+        for i, layer in enumerate(decoder_layers(llm)):
+            if i % 2 == 1:
+                layer.gradient_checkpointing = False
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"bfloat16": torch.bfloat16, "float32": torch.float32, "float16": torch.float16}[name]
+
+
+def build_mesh(info: DistInfo, hybrid: bool):
+    from torch.distributed.device_mesh import init_device_mesh
+
+    dev = info.device.type
+    if hybrid:
+        shard = info.local_world_size
+        if info.world_size % shard:
+            raise ValueError(f"hybrid sharding: world size {info.world_size} is not a multiple of the node size {shard}")
+        return init_device_mesh(dev, (info.world_size // shard, shard), mesh_dim_names=("dp_replicate", "dp_shard"))
+    return init_device_mesh(dev, (info.world_size,), mesh_dim_names=("dp_shard",))
+
+
+def shard_model(module: TrainModule, info: DistInfo, *, param_dtype: str = "bfloat16",
+                reduce_dtype: str = "float32", hybrid: bool = False, compile_layers: bool = False,
+                cpu_offload: bool = False) -> TrainModule:
+    """FSDP2 on each LLM decoder layer, on the visual path, and on `module` (the root). Mixed precision only on GPU.
+    Single process: nothing is sharded (layers are still compiled when asked)."""
+    layers = decoder_layers(module.llm)
+    if compile_layers:
+        for layer in layers:
+            layer.compile()
+    if not info.distributed:
+        return module
+    mesh = build_mesh(info, hybrid)
+    kwargs = {"mesh": mesh}
+    if info.device.type == "cuda":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=_dtype(param_dtype), reduce_dtype=_dtype(reduce_dtype))
+    if cpu_offload:
+        kwargs["offload_policy"] = CPUOffloadPolicy()
+    for i, layer in enumerate(layers):
+        # The last layer's parameters are needed again right away in backward: keep them gathered (torchtitan's rule).
+        fully_shard(layer, reshard_after_forward=i < len(layers) - 1, **kwargs)
+    fully_shard(module.visual, **kwargs)
+    fully_shard(module, **kwargs)
+    return module
+
+
+def is_fsdp(module: nn.Module) -> bool:
+    return isinstance(module, FSDPModule)
