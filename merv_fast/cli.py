@@ -102,11 +102,12 @@ def cmd_train(args) -> int:
     cfg = make_train_config(args.recipe, args.config, train_over, preset=model_cfg.name, data=args.data,
                             media_root=args.media_root, out=args.out, seed=args.seed, max_steps=args.max_steps,
                             total_steps=args.total_steps, resume=True if args.resume else None,
-                            init_from=args.init_from, device=args.device)
+                            init_from=args.init_from, device=args.device, save_every=args.save_every)
     summary = train(cfg, model_cfg)
     if summary.get("final_loss") is not None:
-        print(f"trained {summary['steps']} steps (of {summary['total_steps']}); final loss {summary['final_loss']:.4f}; "
-              f"bad samples {summary['bad_samples']['failures']}; metrics in {cfg.out}/metrics.jsonl")
+        print(f"trained {summary['steps']} steps (of {summary['total_steps']}); "
+              f"final loss {summary['final_loss']:.4f}; bad samples {summary['bad_samples']['failures']}; "
+              f"metrics in {cfg.out}/metrics.jsonl")
     return 0
 
 
@@ -170,6 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="run directory (metrics.jsonl, checkpoints; default runs/train)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--max-steps", type=int, default=None, help="stop after N steps (the schedule is unchanged)")
+    p.add_argument("--save-every", type=int, default=None, help="also checkpoint every N steps (always at the end)")
     p.add_argument("--total-steps", type=int, default=None, help="the schedule's length (default: from epochs)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     p.add_argument("--init-from", default=None, help="initial weights: a release checkpoint or our exported weights")

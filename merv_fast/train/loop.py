@@ -298,8 +298,12 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer=None) -> dict:
     skipped = 0
     t_start = time.perf_counter()
     steps_run = 0
+    from merv_fast.train.checkpoint import install_signal_handlers
+
+    signals = install_signal_handlers()  # SIGTERM/SIGINT: finish the step, save, exit cleanly
+    stop_requested = False
     try:
-        while state.step < last:
+        while state.step < last and not stop_requested:
             sampler.set_epoch(state.epoch)
             loader = loader_for_epoch()
             if gpu:  # the next micro-batch is copied and preprocessed on a side stream while this one trains
@@ -343,14 +347,20 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer=None) -> dict:
                           f"gnorm {result.grad_norm:.3f} {row['samples_per_s']:.2f} samples/s "
                           f"{step_time:.2f} s/step ETA {_fmt_time(eta)}", file=sys.stderr, flush=True)
                 checkpointer.maybe_save(state.step, state, loss=result.loss)
+                if signals.should_stop():  # every rank agrees, so all stop at the same step
+                    stop_requested = True
+                    if info.is_main:
+                        print(f"signal received: saving at step {state.step} and stopping", file=sys.stderr)
+                    break
             if epoch_done or state.consumed >= len(sampler):
                 state.epoch += 1
                 state.consumed = 0
         checkpointer.save_final(state)
     finally:
+        signals.restore()
         metrics.close()
     wall = time.perf_counter() - t_start
-    summary = {"steps": state.step, "steps_run": steps_run, "total_steps": total, "steps_per_epoch": steps_per_epoch,
+    summary = {"steps": state.step, "steps_run": steps_run, "stopped_by_signal": stop_requested, "total_steps": total, "steps_per_epoch": steps_per_epoch,
                "micro_batches_per_step": k, "micro_batch_size": micro, "world_size": info.world_size,
                "final_loss": losses[-1] if losses else None, "losses": losses, "skipped_steps": skipped,
                "wall_s": wall, "bad_samples": summarize_bad_samples(bad_all), "data": data_json,

@@ -36,3 +36,28 @@ def test_resume_continues_exactly(tmp_path, monkeypatch):
     assert main(common + ["--max-steps", "2", "--out", str(tmp_path / "b")]) == 0
     assert main(common + ["--max-steps", "4", "--out", str(tmp_path / "b"), "--resume"]) == 0
     assert losses(tmp_path / "a") == losses(tmp_path / "b")
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+    """A real `merv-fast train` process: SIGTERM mid-run -> the step finishes, a checkpoint is saved, exit 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    env = dict(os.environ, MERV_FAST_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.Popen([sys.executable, "-m", "merv_fast.cli", "train", "--preset", "tiny", "--max-steps", "200",
+                             "--out", str(out), "--set", "num_workers=0", "--set", "kernels=torch"],
+                            env=env, cwd=tmp_path, stderr=subprocess.PIPE, text=True)
+    metrics = out / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 1):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-2000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["stopped_by_signal"] and summary["steps"] < 200
+    assert (out / "latest").exists() and "signal received" in err
