@@ -195,7 +195,8 @@ def time_backend(fn: Backend, clips, batch_size: int, repeats: int) -> list[floa
 
 
 def data_area(results: ResultsFile, ceilings: dict) -> None:
-    tiny = not CUDA
+    # MERV_FAST_SUITE_FULL=1 measures full-size clips on a CPU too (a CPU-only figure of record, minutes long)
+    tiny = not CUDA and os.environ.get("MERV_FAST_SUITE_FULL") != "1"
     encoders = _encoders(tiny)
     batch_size, repeats = (2, 1) if tiny else (8, 3)
     threads, cores = torch.get_num_threads(), os.cpu_count() or 1
