@@ -8,7 +8,6 @@ rotated across iterations.
 Measure: `python -m pytest bench/bench_encoders.py --benchmark-enable --benchmark-json out.json`.
 """
 
-import gc
 
 import pytest
 import torch
@@ -35,14 +34,6 @@ def pixels_for(enc_cfg, batch, dtype, copies=2):
     g = torch.Generator(device=DEVICE).manual_seed(1)
     return [torch.randn(batch, enc_cfg.frames, 3, enc_cfg.image_size, enc_cfg.image_size, device=DEVICE,
                         generator=g).to(dtype) for _ in range(copies)]
-
-
-@pytest.fixture(autouse=True)
-def _free_memory():
-    yield
-    gc.collect()
-    if CUDA:
-        torch.cuda.empty_cache()
 
 
 @pytest.mark.parametrize("preset,batch,dtype", SIZES)

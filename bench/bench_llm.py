@@ -9,7 +9,6 @@ tokens; the figure of record is the CUDA-event median in `extra_info["cuda_media
 Measure: `python -m pytest bench/bench_llm.py --benchmark-enable --benchmark-json out.json`.
 """
 
-import gc
 
 import pytest
 import torch
@@ -22,14 +21,6 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 SIZES = [("merv-1b", b) for b in (1, 8)] if CUDA else [("tiny", 2)]
 TEXT_TOKENS = 128 if CUDA else 16
-
-
-@pytest.fixture(autouse=True)
-def _free_memory():
-    yield
-    gc.collect()
-    if CUDA:
-        torch.cuda.empty_cache()
 
 
 def spliced_inputs(cfg, llm, batch, copies=2):

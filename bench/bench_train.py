@@ -8,7 +8,6 @@ tokens, activation checkpointing on (the bench's GPU defaults); the figure of re
 Measure: `python -m pytest bench/bench_train.py --benchmark-enable --benchmark-json out.json`.
 """
 
-import gc
 
 import pytest
 import torch
@@ -21,14 +20,6 @@ from merv_fast.train.bench import BenchSettings, StepRunner
 CUDA = torch.cuda.is_available()
 PRESET = "merv-1b" if CUDA else "tiny"
 TEXT_TOKENS = 128 if CUDA else 16
-
-
-@pytest.fixture(autouse=True)
-def _free_memory():
-    yield
-    gc.collect()
-    if CUDA:
-        torch.cuda.empty_cache()
 
 
 @pytest.mark.parametrize("model", ["merv", "baseline"])

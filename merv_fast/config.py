@@ -314,19 +314,25 @@ def parse_cli_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def read_yaml_mapping(config_file: str | Path) -> dict[str, Any]:
+    """A YAML config file's top-level mapping; a missing file or another YAML type is a ConfigError naming it."""
+    import yaml
+
+    path = Path(config_file)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(loaded).__name__}")
+    return loaded
+
+
 def load_config(preset: str | None = None, config_file: str | Path | None = None,
                 overrides: dict[str, Any] | None = None) -> ModelConfig:
     """Preset, then the YAML file's keys (it may name its own `preset`), then the overrides, in that order."""
     file_values: dict[str, Any] = {}
     if config_file is not None:
-        import yaml
-
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(loaded).__name__}")
+        loaded = read_yaml_mapping(config_file)
         preset = loaded.pop("preset", None) or preset
         file_values = _flatten(loaded)
     cfg = get_preset(preset or "tiny")

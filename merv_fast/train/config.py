@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from merv_fast.config import ConfigError, parse_cli_overrides
+from merv_fast.config import ConfigError, parse_cli_overrides, read_yaml_mapping
 
 # The spec's recipes. Everything not named here is the spec's common default (AdamW, wd 0.1 except where the table
 # says 0, warmup ratio 0.03 then cosine, clip 1.0, bf16, frozen encoders, activation checkpointing on LLM layers).
@@ -117,15 +117,7 @@ def make_train_config(recipe: str = "merv-frozen", config_file: str | Path | Non
     small presets (see SMALL_PRESETS)."""
     values: dict[str, Any] = {}
     if config_file is not None:
-        import yaml
-
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(loaded).__name__}")
-        values.update(loaded)
+        values.update(read_yaml_mapping(config_file))
     if isinstance(overrides, list):
         overrides = parse_cli_overrides(overrides)
     values.update(overrides or {})
