@@ -158,10 +158,10 @@ inline void store(T* p, float v) {
   *p = static_cast<T>(v);
 }
 
-// One output row oy of one spec for one frame. `src` points at the frame's first byte; sh, sw, sc are its strides.
-template <typename OutT>
-void do_row(const SpecPlan& sp, const uint8_t* src, int64_t sh, int64_t sw, int64_t sc, bool contiguous_px,
-            int64_t oy, bool flip, OutT* out, float* rowbuf) {
+// One output row oy of one spec's resize for one frame, before normalisation: acc[ox * 3 + c]. `src` points at the
+// frame's first byte; sh, sw, sc are its strides.
+void resize_row(const SpecPlan& sp, const uint8_t* src, int64_t sh, int64_t sw, int64_t sc, bool contiguous_px,
+                int64_t oy, float* rowbuf, float* acc) {
   const AxisTable& R = sp.rows;
   const AxisTable& C = sp.cols;
   const int64_t x_lo = C.lo, width = C.hi - C.lo;
@@ -184,16 +184,14 @@ void do_row(const SpecPlan& sp, const uint8_t* src, int64_t sh, int64_t sw, int6
   } else {
     for (int64_t x = 0; x < width; ++x)
       for (int64_t c = 0; c < 3; ++c) {
-        float acc = 0.0f;
-        for (int64_t k = 0; k < ny; ++k) acc += wy[k] * static_cast<float>(src[(y0 + k) * sh + (x_lo + x) * sw + c * sc]);
-        rowbuf[x * 3 + c] = acc;
+        float a = 0.0f;
+        for (int64_t k = 0; k < ny; ++k) a += wy[k] * static_cast<float>(src[(y0 + k) * sh + (x_lo + x) * sw + c * sc]);
+        rowbuf[x * 3 + c] = a;
       }
   }
 
-  // Horizontal pass, normalise, mirror if asked, convert on store into the three planes.
-  const int64_t S = sp.size, plane = S * S;
-  OutT* o0 = out + oy * S;
-  for (int64_t ox = 0; ox < S; ++ox) {
+  // Horizontal pass.
+  for (int64_t ox = 0; ox < sp.size; ++ox) {
     const float* b = rowbuf + (C.start[ox] - x_lo) * 3;
     const float* wx = &C.w[ox * C.max_taps];
     float a0 = 0.0f, a1 = 0.0f, a2 = 0.0f;
@@ -202,10 +200,22 @@ void do_row(const SpecPlan& sp, const uint8_t* src, int64_t sh, int64_t sw, int6
       a1 += wx[k] * b[3 * k + 1];
       a2 += wx[k] * b[3 * k + 2];
     }
+    acc[ox * 3] = a0;
+    acc[ox * 3 + 1] = a1;
+    acc[ox * 3 + 2] = a2;
+  }
+}
+
+// Normalise one resized row, mirror if asked, convert on store into the three planes of output row oy.
+template <typename OutT>
+void store_row(const SpecPlan& sp, const float* acc, int64_t oy, bool flip, OutT* out) {
+  const int64_t S = sp.size, plane = S * S;
+  OutT* o0 = out + oy * S;
+  for (int64_t ox = 0; ox < S; ++ox) {
     const int64_t dx = flip ? S - 1 - ox : ox;
-    store(o0 + dx, a0 * sp.mul[0] + sp.add[0]);
-    store(o0 + plane + dx, a1 * sp.mul[1] + sp.add[1]);
-    store(o0 + 2 * plane + dx, a2 * sp.mul[2] + sp.add[2]);
+    store(o0 + dx, acc[ox * 3] * sp.mul[0] + sp.add[0]);
+    store(o0 + plane + dx, acc[ox * 3 + 1] * sp.mul[1] + sp.add[1]);
+    store(o0 + 2 * plane + dx, acc[ox * 3 + 2] * sp.mul[2] + sp.add[2]);
   }
 }
 
@@ -284,6 +294,20 @@ void preprocess_frames_out(const at::Tensor& frames, c10::IntArrayRef sizes, c10
                 o.sizes());
   }
 
+  // Specs that resize identically (same size, mode, filter, antialias and frame stride; DINOv2 and SigLIP at
+  // merv-7b) share one resize per row and differ only in the normalisation written on store.
+  std::vector<std::vector<size_t>> members(n);
+  for (size_t s = 0; s < n; ++s) {
+    size_t leader = s;
+    for (size_t r = 0; r < s; ++r)
+      if (sizes[r] == sizes[s] && resize[r] == resize[s] && interp[r] == interp[s] &&
+          antialias.get(r) == antialias.get(s) && stride[r] == stride[s]) {
+        leader = r;
+        break;
+      }
+    members[leader].push_back(s);
+  }
+
   const uint8_t* base = frames.data_ptr<uint8_t>();
   const int64_t sb = frames.stride(0), st = frames.stride(1), sh = frames.stride(2), sw = frames.stride(3),
                 sc = frames.stride(4);
@@ -309,7 +333,7 @@ void preprocess_frames_out(const at::Tensor& frames, c10::IntArrayRef sizes, c10
 #pragma omp parallel num_threads(threads)
 #endif
   {
-    std::vector<float> rowbuf(max_width * 3);
+    std::vector<float> rowbuf(max_width * 3), accrow(max_rows * 3);
 #ifdef MERV_FAST_OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
@@ -318,25 +342,27 @@ void preprocess_frames_out(const at::Tensor& frames, c10::IntArrayRef sizes, c10
       const int64_t b = f / T, t = f % T;
       const uint8_t* src = base + b * sb + t * st;
       for (size_t s = 0; s < n; ++s) {  // every spec that takes this frame, while it is in cache
+        if (members[s].empty()) continue;  // resized with its group's first spec
         const SpecPlan& p = plans[s];
         if (t % p.stride != 0) continue;
         const int64_t S = p.size;
-        const int64_t offset = ((b * p.t_out + t / p.stride) * 3) * S * S;
         const int64_t r0 = chunk * S / chunks, r1 = (chunk + 1) * S / chunks;
-        const bool fl = p.flips && flip_b[b];
         for (int64_t oy = r0; oy < r1; ++oy) {
-          switch (p.dtype) {
-            case kBFloat16:
-              do_row(p, src, sh, sw, sc, contiguous_px, oy, fl, static_cast<c10::BFloat16*>(out_ptr[s]) + offset,
-                     rowbuf.data());
-              break;
-            case kFloat16:
-              do_row(p, src, sh, sw, sc, contiguous_px, oy, fl, static_cast<c10::Half*>(out_ptr[s]) + offset,
-                     rowbuf.data());
-              break;
-            default:
-              do_row(p, src, sh, sw, sc, contiguous_px, oy, fl, static_cast<float*>(out_ptr[s]) + offset,
-                     rowbuf.data());
+          resize_row(p, src, sh, sw, sc, contiguous_px, oy, rowbuf.data(), accrow.data());
+          for (size_t m : members[s]) {
+            const SpecPlan& q = plans[m];
+            const int64_t offset = ((b * q.t_out + t / q.stride) * 3) * S * S;
+            const bool fl = q.flips && flip_b[b];
+            switch (q.dtype) {
+              case kBFloat16:
+                store_row(q, accrow.data(), oy, fl, static_cast<c10::BFloat16*>(out_ptr[m]) + offset);
+                break;
+              case kFloat16:
+                store_row(q, accrow.data(), oy, fl, static_cast<c10::Half*>(out_ptr[m]) + offset);
+                break;
+              default:
+                store_row(q, accrow.data(), oy, fl, static_cast<float*>(out_ptr[m]) + offset);
+            }
           }
         }
       }
