@@ -1,9 +1,12 @@
-"""`merv-fast bench`, first version: real training steps of MERV and of its single-encoder baseline on the same
-synthetic data, side by side in one run. The trainer and data issues replace the step and the data behind it.
+"""`merv-fast bench`: real training steps of MERV and of its single-encoder baseline on the same data, side by side
+in one run.
 
-Each step: preprocess frames (data), frozen encoders under no_grad, pooling + projection + fusion, LLM forward with
-the loss, backward, clipped AdamW update. Reported per model: samples/s, tokens/s, step time, the phase breakdown,
-peak memory, and MFU on GPU; plus the MERV/baseline step-time ratio.
+The data is the synthesized media set (real encoded clips, written once into the cache), read through the data
+pipeline (decode, frame sampling, prompts, labels, collate) before timing starts. Each timed step: preprocess the
+uint8 frames for every encoder (data), frozen encoders under no_grad, pooling + projection + fusion, LLM forward
+with the loss, backward, clipped AdamW update. Reported per model: samples/s, tokens/s (real text + visual), step
+time, the phase breakdown, peak memory and MFU on GPU; plus the MERV/baseline step-time ratio, `bench.json`, and
+a PNG of the breakdowns with the `plots` extra.
 """
 
 from __future__ import annotations
@@ -20,8 +23,7 @@ from pathlib import Path
 import torch
 
 from merv_fast.config import BASELINE_OF, get_preset
-from merv_fast.data.preprocess import preprocess_all
-from merv_fast.data.synthetic import synthetic_batches
+from merv_fast.data.preprocess import preprocess_batch
 from merv_fast.model.flops import peak_bf16_flops, sample_flops
 from merv_fast.model.merv import build_model
 from merv_fast.train.optim import build_optimizer
@@ -86,7 +88,7 @@ class StepRunner:
         model, cfg = self.model, self.config
         with phase("data"):
             b = batch.to(self.device)
-            pixels = preprocess_all(b.frames, cfg.encoders, cfg.visual.frames_sampled, b.flip, self.enc_dtype)
+            pixels = preprocess_batch(b.frames, cfg.encoders, cfg.visual.frames_sampled, b.flip, self.enc_dtype)
         with self.autocast():
             with phase("encoders"):
                 features = model.encode(pixels)
@@ -107,11 +109,12 @@ def train_steps(preset: str, s: BenchSettings, batches) -> dict:
     runner = StepRunner(preset, s)
     device, gpu, cfg = runner.device, runner.gpu, runner.config
     timer = PhaseTimer(device)
-    step_times, phase_rows, losses = [], [], []
+    step_times, phase_rows, losses, text_tokens = [], [], [], []
     if gpu:
         torch.cuda.reset_peak_memory_stats(device)
     for i in range(s.warmup + s.steps):
         batch = batches[i % len(batches)]
+        text_tokens.append(int(batch.attention_mask.sum()))
         t0 = time.perf_counter()
         loss = runner.step(batch, timer.phase)
         phases = timer.collect()  # synchronises the GPU: the step's wall time below is complete
@@ -120,15 +123,19 @@ def train_steps(preset: str, s: BenchSettings, batches) -> dict:
             step_times.append(elapsed)
             phase_rows.append(phases)
             losses.append(loss.item())
+        else:
+            text_tokens.pop()  # only the measured steps count
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{preset}: loss is {loss.item()} at step {i}")
     step = statistics.median(step_times)
-    tokens_per_sample = s.text_tokens + cfg.visual.num_tokens
-    flops = sample_flops(cfg, s.text_tokens).total
+    text_per_sample = sum(text_tokens) / (len(text_tokens) * s.batch_size)  # the batches' real (unpadded) text
+    tokens_per_sample = text_per_sample + cfg.visual.num_tokens
+    flops = sample_flops(cfg, round(text_per_sample)).total
     peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if gpu else None
     samples_per_s = s.batch_size / step
     return {
         "preset": preset,
+        "text_tokens_per_sample": text_per_sample,
         "samples_per_s": samples_per_s,
         "tokens_per_s": samples_per_s * tokens_per_sample,
         "step_time_s": step,
@@ -154,10 +161,58 @@ def versions() -> dict:
     return v
 
 
+def media_batches(cfg, batch_size: int, count: int, seed: int = 0) -> list:
+    """Video batches of the synthesized media set (written once into the cache, `MERV_FAST_CACHE`), read through
+    the real data pipeline: decoding, frame sampling, prompts and labels, collate. Frames of different sizes stay a
+    per-sample list; the step's preprocessing handles that."""
+    from merv_fast.data.collate import collate
+    from merv_fast.data.dataset import VideoLLaVADataset, load_entries
+    from merv_fast.train.loop import build_tokenizer_for, ensure_synthetic_data
+    from merv_fast.train.parallel import DistInfo
+
+    data_json, media_root = ensure_synthetic_data(DistInfo(), seed)
+    videos = [e for e in load_entries(data_json) if e.kind == "video"]
+    tokenizer = build_tokenizer_for(cfg)
+    dataset = VideoLLaVADataset(videos, media_root, tokenizer, prompt_format=cfg.llm.prompt_format,
+                                max_length=cfg.llm.max_text_tokens, seed=seed, frames=cfg.visual.frames_sampled)
+    return [collate([dataset[(i * batch_size + j) % len(dataset)] for j in range(batch_size)],
+                    pad_token_id=tokenizer.pad_token_id) for i in range(count)]
+
+
+def save_chart(report: dict, out: Path) -> Path | None:
+    """Phase breakdown per step, MERV vs baseline, side by side (needs matplotlib: the `plots` extra)."""
+    from merv_fast.measure.profile import PLOTS_MISSING, have_matplotlib
+
+    if not have_matplotlib():
+        print(PLOTS_MISSING)
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    bottom = {"merv": 0.0, "baseline": 0.0}
+    for phase in PHASES:
+        for x, side in enumerate(("merv", "baseline")):
+            v = report[side]["phases"][phase] * 1e3
+            ax.bar(x, v, bottom=bottom[side], color=f"C{PHASES.index(phase)}", label=phase if x == 0 else None)
+            bottom[side] += v
+    ax.set_xticks([0, 1], [report["merv"]["preset"], report["baseline"]["preset"]])
+    ax.set_ylabel("ms per training step")
+    ax.set_title(f"{report['device']}: step-time ratio {report['ratio_step_time']:.2f}")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "bench_phases.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def run_bench(settings: BenchSettings | None = None) -> dict:
     s = (settings or BenchSettings()).resolve()
     cfg = get_preset(s.preset)
-    batches = synthetic_batches(cfg, s.batch_size, s.text_tokens, count=2, seed=s.seed)
+    batches = media_batches(cfg, s.batch_size, count=2, seed=s.seed)
     merv = train_steps(s.preset, s, batches)
     gc.collect()  # the first model's memory goes back before the second is built
     if s.device.startswith("cuda"):
@@ -177,6 +232,9 @@ def run_bench(settings: BenchSettings | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     print(format_report(report))
+    chart = save_chart(report, out)
+    if chart is not None:
+        print(f"wrote {chart}")
     print(f"wrote {out / 'bench.json'}")
     return report
 
