@@ -46,6 +46,8 @@ class TrainConfig:
     param_dtype: str = "bfloat16"  # FSDP2 mixed precision on GPU (CPU runs in fp32)
     reduce_dtype: str = "float32"
     hybrid_shard: bool = False  # 2-D mesh: replicate across nodes, shard within a node
+    cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: sharded parameters, gradients and optimizer state on the host
+    apex_adam: bool = False  # NVIDIA apex's FusedAdam where the real apex imports; else torch's fused AdamW
     seed: int = 0
     save_every: int = 0  # 0: only the final checkpoint
     keep_last: int = 2

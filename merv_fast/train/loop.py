@@ -241,7 +241,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer=None) -> dict:
     apply_activation_checkpointing(model.llm, cfg.activation_checkpointing)
     module = TrainModule(model)
     module = shard_model(module, info, param_dtype=cfg.param_dtype, reduce_dtype=cfg.reduce_dtype,
-                         hybrid=cfg.hybrid_shard, compile_layers=cfg.compile_llm)
+                         hybrid=cfg.hybrid_shard, compile_layers=cfg.compile_llm, cpu_offload=cfg.cpu_offload)
     model.train()
 
     # ---- data
@@ -267,7 +267,10 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer=None) -> dict:
     last = total if cfg.max_steps is None else min(total, cfg.max_steps)
 
     # ---- optimizer, schedule
-    optimizer = build_optimizer(module, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(module, lr=cfg.lr, weight_decay=cfg.weight_decay, prefer_apex=cfg.apex_adam)
+    if info.is_main and cfg.apex_adam and type(optimizer).__name__ != "FusedAdam":
+        print("apex_adam: NVIDIA apex's FusedAdam is not usable here (see `merv-fast env`); using torch's AdamW",
+              file=sys.stderr)
     scheduler = build_scheduler(optimizer, total, cfg.warmup_ratio)
     state = TrainState(model, module, optimizer, scheduler, sampler, rank=info.rank, world_size=info.world_size,
                        config=cfg.to_dict())
