@@ -310,29 +310,36 @@ def _run_naming_failures(run, device: str, keys: Sequence[str], samples: Sequenc
                               f"{bad or str(err)[:300]}", bad) from err
 
 
-class DaliVideoLoader:
+class _DaliLoader:
+    """What both loaders hold: the encoders' branches, the device and the lazily built pipeline."""
+
+
+    def __init__(self, encoders: Sequence[EncoderConfig], batch_size: int, *, device: str = "auto",
+                 frames_sampled: int = 32, num_threads: int | None = None, device_id: int = 0,
+                 out_dtype: torch.dtype = torch.float32, sizes: dict[str, tuple[int, int]] | None = None):
+        self.device = resolve_device(device)
+        ok, why = dali_available(self.device, media=self.MEDIA)
+        if not ok:
+            raise RuntimeError(why)
+        self.encoders = list(encoders)
+        self.batch_size = batch_size
+        self.frames_sampled = frames_sampled
+        self.num_threads = num_threads
+        self.device_id = device_id
+        self.out_dtype = out_dtype
+        self.sizes = dict(sizes or {})
+        self._branches = _branch_ids(self.encoders, frames_sampled, single_frame=self.MEDIA == "image")
+        self._pipe = None
+
+
+class DaliVideoLoader(_DaliLoader):
     """Batches of (path, frame indices, flip) -> per-encoder torch tensors [B, T_e, 3, S, S] (encoder order).
 
     device "gpu" decodes with NVDEC and preprocesses on the GPU (tensors come back on cuda); "cpu" uses DALI's CPU
     operators (VP8/VP9/MJPEG only). `sizes` (optional, path -> (H, W)) saves the PyAV probe of the frame size.
     """
 
-    def __init__(self, encoders: Sequence[EncoderConfig], batch_size: int, *, device: str = "auto",
-                 frames_sampled: int = 32, num_threads: int | None = None, device_id: int = 0,
-                 out_dtype: torch.dtype = torch.float32, sizes: dict[str, tuple[int, int]] | None = None):
-        ok, why = dali_available("gpu" if resolve_device(device) == "gpu" else "cpu")
-        if not ok:
-            raise RuntimeError(why)
-        self.encoders = list(encoders)
-        self.batch_size = batch_size
-        self.device = resolve_device(device)
-        self.frames_sampled = frames_sampled
-        self.num_threads = num_threads
-        self.device_id = device_id
-        self.out_dtype = out_dtype
-        self.sizes = dict(sizes or {})
-        self._branches = _branch_ids(self.encoders, frames_sampled)
-        self._pipe = None
+    MEDIA = "video"
 
     # -- pipeline life cycle: a DALI pipeline is dead after a critical error, so it is rebuilt lazily
     def _pipeline(self):
@@ -452,7 +459,7 @@ def _image_key(image, i: int) -> str:
     return str(image) if isinstance(image, (str, os.PathLike)) else f"#{i}"
 
 
-class DaliImageLoader:
+class DaliImageLoader(_DaliLoader):
     """Batches of encoded images (JPEG, PNG, ...: bytes or paths) -> per encoder [B, 1, 3, S, S] (encoder order).
 
         loader = DaliImageLoader(cfg.encoders, batch_size=32, device="auto")   # "gpu" (nvJPEG, "mixed") | "cpu"
@@ -467,21 +474,7 @@ class DaliImageLoader:
     merv_fast.data.decode.decode_image; the sizes for short_side_crop come from the headers (`fn.peek_image_shape`).
     """
 
-    def __init__(self, encoders: Sequence[EncoderConfig], batch_size: int, *, device: str = "auto",
-                 frames_sampled: int = 32, num_threads: int | None = None, device_id: int = 0,
-                 out_dtype: torch.dtype = torch.float32):
-        ok, why = dali_available("gpu" if resolve_device(device) == "gpu" else "cpu", media="image")
-        if not ok:
-            raise RuntimeError(why)
-        self.encoders = list(encoders)
-        self.batch_size = batch_size
-        self.device = resolve_device(device)
-        self.frames_sampled = frames_sampled
-        self.num_threads = num_threads
-        self.device_id = device_id
-        self.out_dtype = out_dtype
-        self._branches = _branch_ids(self.encoders, frames_sampled, single_frame=True)
-        self._pipe = None
+    MEDIA = "image"
 
     def _pipeline(self):
         if self._pipe is None:  # rebuilt lazily after a critical error, as DaliVideoLoader's
