@@ -311,8 +311,10 @@ def _run_naming_failures(run, device: str, keys: Sequence[str], samples: Sequenc
 
 
 class _DaliLoader:
-    """What both loaders hold: the encoders' branches, the device and the lazily built pipeline."""
+    """What both loaders hold: the encoders' branches, the device and the lazily built pipeline. Subclasses set
+    MEDIA ("video" | "image")."""
 
+    MEDIA: str
 
     def __init__(self, encoders: Sequence[EncoderConfig], batch_size: int, *, device: str = "auto",
                  frames_sampled: int = 32, num_threads: int | None = None, device_id: int = 0,
