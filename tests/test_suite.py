@@ -58,7 +58,9 @@ def test_areas(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     monkeypatch.setenv("SUITE_TEST_DIR", str(tmp_path))
-    registered = list(suite._areas)
+    # Import every area module first: restoring a snapshot taken before would unregister areas that modules imported
+    # during this test added, and a cached module never registers them again.
+    registered = suite.registered_areas()
     yield tmp_path
     suite._areas[:] = registered
 
@@ -103,7 +105,7 @@ def test_suite_runs_resumes_retries_and_kills(test_areas, capsys):
 
 
 def test_register_area_order_and_budget():
-    registered = list(suite._areas)
+    registered = suite.registered_areas()
     try:
         suite.register_area("after-env", lambda results, ceilings: None, after="env")
         names = [a.name for a in suite._areas]
