@@ -1,7 +1,7 @@
 """pytest-benchmark suite: the frozen encoders' forward (no_grad), each on its own and all four in turn.
 
-Concurrency modes: only `sequential` so far (one encoder after another on the default stream, as MERV.encode runs
-them); the concurrent modes (CUDA streams, ...) join the `mode` parameter when the model grows them.
+Concurrency modes (`mode`): the encoder runner's sequential | streams | graph (merv_fast/runtime/encoders.py), the
+path MERV.encode takes; on a CPU every mode runs sequential.
 CPU/CI: the tiny preset in fp32, run once as tests (`--benchmark-disable`). GPU: merv-7b encoders at full size in
 bf16, B=1 and 2 videos; the figure of record is the CUDA-event median in `extra_info["cuda_median_ms"]`, inputs
 rotated across iterations.
@@ -11,16 +11,18 @@ Measure: `python -m pytest bench/bench_encoders.py --benchmark-enable --benchmar
 
 import pytest
 import torch
+from torch import nn
 
-from merv_fast.config import get_preset
+from merv_fast.config import ENCODER_MODES, EncoderRuntime, get_preset
 from merv_fast.measure.pytest_bench import record
 from merv_fast.model.encoders import build_encoder
 from merv_fast.model.flops import encoder_forward_flops
+from merv_fast.runtime.encoders import EncoderRunner
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 SIZES = [("merv-7b", b, torch.bfloat16) for b in (1, 2)] if CUDA else [("tiny", 1, torch.float32)]
-MODES = ["sequential"]
+MODES = list(ENCODER_MODES)
 ENCODER_NAMES = [e.name for e in get_preset("merv-7b").encoders]
 
 
@@ -58,15 +60,13 @@ def test_encoder_forward(benchmark, preset, batch, dtype, name):
 def test_all_encoders(benchmark, preset, batch, dtype, mode):
     """The model's whole encoder stage: every encoder on its own inputs, in the given concurrency mode."""
     cfgs = get_preset(preset).encoders
-    encoders = [build(e, dtype) for e in cfgs]
+    runner = EncoderRunner(nn.ModuleDict({e.name: build(e, dtype) for e in cfgs}), EncoderRuntime(mode=mode))
     copies = [pixels_for(e, batch, dtype) for e in cfgs]
     rotate = [tuple(c[i] for c in copies) for i in range(2)]
 
     @torch.no_grad()
     def run(*pixels):
-        if mode == "sequential":
-            return [enc(px) for enc, px in zip(encoders, pixels)]
-        raise NotImplementedError(mode)
+        return runner(list(pixels))
 
     assert len(run(*rotate[0])) == len(cfgs)
     benchmark.extra_info.update(gflop=sum(encoder_forward_flops(e) for e in cfgs) * batch / 1e9)

@@ -1,67 +1,50 @@
-"""pytest-benchmark suite: the LLM's training step on spliced inputs, forward with the loss + backward.
+"""pytest-benchmark suite: the LLM's training step (forward with the loss + backward) on stage-2-like micro-batches.
 
-Inputs as the model builds them: text embeddings with the visual tokens spliced in after BOS (splice_visual_tokens),
-attention mask and labels to match. Attention backend: SDPA (the model's); packing and other losses join the
-parameters as the LLM grows them.
-CPU/CI: the tiny LLM in fp32, run once as tests (`--benchmark-disable`). GPU: merv-1b's LLM (TinyLlama 1.1B), fp32
-master weights under bf16 autocast as the trainer runs it, B=1 and 8 with 128 text tokens + the preset's visual
-tokens; the figure of record is the CUDA-event median in `extra_info["cuda_median_ms"]`, inputs rotated.
-Measure: `python -m pytest bench/bench_llm.py --benchmark-enable --benchmark-json out.json`.
+Parameters: padded + plain loss (the release's: batches of 8 grouped by length, padded to the longest, cross-entropy
+on full fp32 logits), padded + fused, packed + plain, packed + fused (merv_fast/train/packing.py,
+kernels/fused_linear_ce.py), each under every attention backend available here (merv_fast/model/attention.py). The
+micro-batches and the step are the GPU-suite area's (merv_fast/measure/llm_areas.py): the preset's visual tokens
+spliced after BOS plus text drawn from 50-600 tokens on a GPU (merv-1b's LLM, fp32 master weights under bf16
+autocast), 5-60 tokens with the tiny LLM on a CPU (fp32; run once as tests in CI with `--benchmark-disable`).
+extra_info: real tokens per step (never padding), tokens_per_s (from the CUDA-event median on a GPU, from
+pytest-benchmark's median on a CPU when timing is enabled), peak memory of one step (CUDA only).
+Measure: `python -m pytest bench/bench_llm.py --benchmark-enable`.
 """
-
 
 import pytest
 import torch
 
-from merv_fast.config import get_preset
+from merv_fast.measure.llm_areas import (DEVICE, MODES, available_backends, llm_config, llm_step, real_tokens,
+                                         stage2_micro_batches)
 from merv_fast.measure.pytest_bench import record
-from merv_fast.model.llm import build_llm, splice_visual_tokens
+from merv_fast.measure.timing import peak_memory
+from merv_fast.model.attention import install
+from merv_fast.model.llm import build_llm
 
-CUDA = torch.cuda.is_available()
-DEVICE = torch.device("cuda" if CUDA else "cpu")
-SIZES = [("merv-1b", b) for b in (1, 8)] if CUDA else [("tiny", 2)]
-TEXT_TOKENS = 128 if CUDA else 16
-
-
-def spliced_inputs(cfg, llm, batch, copies=2):
-    g = torch.Generator(device=DEVICE).manual_seed(0)
-    dim, visual_tokens = cfg.llm.hidden_size, cfg.visual.num_tokens
-    out = []
-    for _ in range(copies):
-        ids = torch.randint(3, cfg.llm.vocab_size, (batch, TEXT_TOKENS), device=DEVICE, generator=g)
-        ids[:, 0] = 1
-        mask = torch.ones_like(ids)
-        labels = ids.clone()
-        labels[:, : TEXT_TOKENS // 2] = -100
-        visual = torch.randn(batch, visual_tokens, dim, device=DEVICE, generator=g) * 0.02
-        out.append((ids, mask, labels, visual))
-    return out
+PRESET = "merv-1b" if DEVICE.type == "cuda" else "tiny"
 
 
-@pytest.mark.parametrize("preset,batch", SIZES)
-@pytest.mark.parametrize("attention", ["sdpa"])
-@pytest.mark.parametrize("backward", [False, True], ids=["fwd", "fwd+bwd"])
-def test_llm_step(benchmark, preset, batch, attention, backward):
-    cfg = get_preset(preset)
+@pytest.fixture(scope="module")
+def workload():
+    cfg = llm_config(PRESET)
     torch.manual_seed(0)
     with DEVICE:
         llm = build_llm(cfg.llm)
-    assert llm.config._attn_implementation == attention
     llm.train()
-    prefix = 1 if cfg.llm.has_bos else 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if CUDA else torch.autocast("cpu", enabled=False)
+    return cfg, llm, stage2_micro_batches(cfg, 2)
 
-    def run(ids, mask, labels, visual):
-        with torch.set_grad_enabled(backward), autocast:
-            embeds = llm.get_input_embeddings()(ids)
-            embeds, m, lab = splice_visual_tokens(embeds, mask, labels, visual.to(embeds.dtype), prefix_length=prefix)
-            loss = llm(inputs_embeds=embeds, attention_mask=m, labels=lab).loss
-        if backward:
-            loss.backward()
-            llm.zero_grad(set_to_none=True)
-        return loss
 
-    rotate = spliced_inputs(cfg, llm, batch)
-    assert torch.isfinite(run(*rotate[0]))
-    benchmark.extra_info.update(tokens=batch * (TEXT_TOKENS + cfg.visual.num_tokens))
-    record(benchmark, run, rotate, warmup=2, iters=10)
+@pytest.mark.parametrize("attention", available_backends())
+@pytest.mark.parametrize("mode", MODES)
+def test_llm_step(benchmark, workload, mode, attention):
+    cfg, llm, batches = workload
+    install(llm, attention)
+    step = llm_step(llm, cfg, mode)
+    assert torch.isfinite(step(*batches[0]))
+    tokens = sum(real_tokens(b) for b in batches) / len(batches)
+    record(benchmark, step, batches, warmup=2, iters=6)
+    stats = getattr(benchmark, "stats", None)
+    seconds = benchmark.extra_info["cuda_median_ms"] / 1e3 if "cuda_median_ms" in benchmark.extra_info else \
+        (stats.stats.median if stats is not None else None)
+    benchmark.extra_info.update(preset=PRESET, real_tokens=tokens, peak_mem_bytes=peak_memory(step, *batches[0]),
+                                tokens_per_s=tokens / seconds if seconds else None)

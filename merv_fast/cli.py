@@ -82,9 +82,35 @@ def cmd_data_check(args) -> int:
 def cmd_data_synth(args) -> int:
     from merv_fast.data.synth import synthesize
 
+    if args.eval is not None:
+        from merv_fast.eval.synth import synthesize_eval
+
+        for directory, count in synthesize_eval(args.eval, videos=args.eval_videos, seed=args.seed).items():
+            print(f"wrote {count} questions and their videos to {directory} (test_q.json, test_a.json, videos/)")
+    if args.out is None:
+        if args.eval is None:
+            raise ValueError("give --out DIR (training data) and/or --eval DIR (evaluation sets)")
+        return 0
     result = synthesize(args.out, videos=args.videos, images=args.images, texts=args.texts, seed=args.seed)
     print(f"wrote {len(result['videos'])} videos, {len(result['images'])} images and {result['entries']} entries "
           f"to {result['json']} (media root {result['media_root']})")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from merv_fast.config import parse_cli_overrides
+    from merv_fast.eval.runner import EvalSettings, run_eval
+
+    metrics = run_eval(EvalSettings(
+        task=args.task, data=args.data, out=args.out, weights=args.weights, preset=args.preset, config=args.config,
+        overrides=parse_cli_overrides(args.overrides), batch_size=args.batch_size, generate=args.generate,
+        max_new_tokens=args.max_new_tokens, seed=args.seed, device=args.device, dtype=args.dtype,
+        decoder=args.decoder, timeout_s=args.timeout_s))
+    if metrics is not None:
+        overall = metrics.get("overall")
+        score = f"accuracy {overall['accuracy']:.4f} ({overall['correct']}/{overall['total']}); " if overall else ""
+        print(f"{metrics['answered']} of {metrics['questions']} questions answered; {score}"
+              f"broken videos {metrics['broken']['videos']}; metrics in {args.out}/metrics.json")
     return 0
 
 
@@ -108,6 +134,19 @@ def cmd_train(args) -> int:
         print(f"trained {summary['steps']} steps (of {summary['total_steps']}); "
               f"final loss {summary['final_loss']:.4f}; bad samples {summary['bad_samples']['failures']}; "
               f"metrics in {cfg.out}/metrics.jsonl")
+    return 0
+
+
+def cmd_cache_features(args) -> int:
+    from merv_fast.config import load_config, parse_cli_overrides
+    from merv_fast.runtime.feature_cache import cache_dataset
+
+    model_cfg = load_config(args.preset or "tiny", args.config, parse_cli_overrides(args.overrides))
+    index = cache_dataset(args.data, args.media_root, args.out, model_cfg, seed=args.seed, device=args.device,
+                          storage_dtype=args.dtype, shard_size=args.shard_size, batch_size=args.batch_size,
+                          decoder=args.decoder)
+    print(f"cached {len(index['entries'])} media items in {len(index['shards'])} shard(s) under {args.out} "
+          f"({len(index['failed'])} failed to load); train from it with --set feature_cache={args.out}")
     return 0
 
 
@@ -178,10 +217,27 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default=None)
     p.set_defaults(fn=cmd_train)
 
+    p = sub.add_parser("cache-features", help="run the encoders and pooling once over a dataset's media; store the "
+                                              "pooled features for training (--set feature_cache=DIR)")
+    _model_args(p)
+    p.add_argument("--data", required=True, help="LLaVA-format JSON")
+    p.add_argument("--media-root", default=None, help="directory the JSON's media paths are relative to")
+    p.add_argument("--out", required=True, help="cache directory (shards + index.json)")
+    p.add_argument("--dtype", default="bfloat16", help="storage dtype: bfloat16 | float32")
+    p.add_argument("--shard-size", type=int, default=64, help="media items per shard")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--decoder", default="auto", help="auto | torchcodec | pyav")
+    p.add_argument("--seed", type=int, default=0, help="the training seed (random-init encoders depend on it)")
+    p.add_argument("--device", default=None)
+    p.set_defaults(fn=cmd_cache_features)
+
     data = sub.add_parser("data", help="datasets: synthesise one, check one").add_subparsers(dest="data_command",
                                                                                           required=True)
     p = data.add_parser("synth", help="write real encoded clips, images and a LLaVA-format JSON (deterministic)")
-    p.add_argument("--out", required=True, help="directory to write (media root; data.json inside)")
+    p.add_argument("--out", default=None, help="directory to write (media root; data.json inside)")
+    p.add_argument("--eval", default=None, metavar="DIR",
+                   help="also/instead write evaluation sets in the release's layout (mcq, NExT-QA-synth, openended)")
+    p.add_argument("--eval-videos", type=int, default=6, help="videos per evaluation set")
     p.add_argument("--videos", type=int, default=10)
     p.add_argument("--images", type=int, default=6)
     p.add_argument("--texts", type=int, default=2, help="text-only entries")
@@ -196,6 +252,27 @@ def main(argv: list[str] | None = None) -> int:
     q.add_argument("--timeout-s", type=float, default=None, help="per-file decode time limit")
     q.add_argument("--decoder", default="auto", help="auto | dali | torchcodec | pyav")
     q.set_defaults(fn=cmd_data_check)
+
+    p = sub.add_parser("eval", help="evaluate on benchmarks in the release's layout: multiple choice from the "
+                                    "option letters' logits (or --generate), open-ended by batched generation")
+    _model_args(p)
+    p.add_argument("--task", required=True, choices=["mc", "open"])
+    p.add_argument("--data", required=True, nargs="+", metavar="DIR",
+                   help="benchmark directories (test_q.json, test_a.json, videos/); the name is the benchmark's")
+    p.add_argument("--weights", default=None,
+                   help="trained weights: a training run directory (newest checkpoint) or step directory, our "
+                        ".safetensors export, a release checkpoint, or a directory with one such file")
+    p.add_argument("--out", required=True, help="run directory (predictions, metrics.json); a rerun resumes")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--generate", action="store_true",
+                   help="mc: the release's decision (greedy generation, first character of the answer)")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--decoder", default="auto", help="auto | torchcodec | pyav")
+    p.add_argument("--timeout-s", type=float, default=None, help="per-video decode time limit")
+    p.set_defaults(fn=cmd_eval)
 
     sub.add_parser("gpu-suite", help="every GPU check and benchmark, area by area, resumable "
                                      "(options: merv-fast gpu-suite --help)")

@@ -23,6 +23,11 @@ HALF = (0.5, 0.5, 0.5)
 ENCODER_NAMES = ("languagebind", "dinov2", "vivit", "siglip")
 PROMPT_FORMATS = ("llama2-base", "vicuna-v15", "llama3-chat", "qwen25-chat")
 KERNEL_BACKENDS = ("auto", "triton", "torch")
+LLM_ATTENTION = ("auto", "sdpa", "flex", "flash_attn", "xformers")  # merv_fast/model/attention.py
+LLM_LOSSES = ("fused", "plain")  # fused: kernels/fused_linear_ce.py; plain: transformers' loss on full logits
+LLM_FUSED_LAYER_OPS = ("rms_norm", "swiglu", "rope")  # merv_fast/model/llama_kernels.py
+ENCODER_MODES = ("sequential", "streams", "graph")  # merv_fast/runtime/encoders.py
+ENCODER_ATTENTION = ("sdpa", "eager")  # eager: the release's, kept for reference benchmarks and tests
 
 
 class ConfigError(ValueError):
@@ -62,6 +67,7 @@ class EncoderConfig:
     layer_norm_eps: float = 1e-5
     hidden_act: str = "gelu"
     weights: str | None = None  # local directory or file; None = random init
+    attention: str = "sdpa"  # sdpa | eager (the release ran LanguageBind and ViViT eagerly)
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -111,6 +117,11 @@ class LLMConfig:
     has_bos: bool = True  # sequences start with BOS and visual tokens go right after it (Qwen2.5: no BOS)
     max_text_tokens: int = 2048
     weights: str | None = None
+    attention: str = "auto"  # one of LLM_ATTENTION; auto: see merv_fast/model/attention.py
+    loss: str = "fused"  # one of LLM_LOSSES
+    # Triton RMSNorm / SwiGLU / RoPE in the Llama layers (merv_fast/model/llama_kernels.py): true, false or a list
+    # of those ops; off until a GPU benchmark shows they win.
+    fused_layer_kernels: bool | list[str] = False
 
     @property
     def padded_vocab_size(self) -> int:
@@ -120,12 +131,26 @@ class LLMConfig:
 
 
 @dataclass
+class EncoderRuntime:
+    """How the frozen encoders run (never what they compute). Set as `encoders.mode=graph`, `encoders.compile=true`,
+    `encoders.prefetch=true`: these words are not encoder names, so `encoders.<word>` is unambiguous."""
+
+    mode: str = "sequential"  # sequential | streams | graph (CPU: always sequential)
+    compile: bool = False  # torch.compile each encoder
+    prefetch: bool = False  # training: the next micro-batch's encoders run on a side stream (CUDA only)
+
+
+ENCODER_RUNTIME_KEYS = ("mode", "compile", "prefetch")
+
+
+@dataclass
 class ModelConfig:
     name: str
     encoders: list[EncoderConfig]
     llm: LLMConfig
     visual: VisualConfig = field(default_factory=VisualConfig)
     kernels: str = "auto"  # auto | triton | torch (MERV_FAST_KERNELS overrides)
+    encoder_runtime: EncoderRuntime = field(default_factory=EncoderRuntime)  # `encoders.mode=...` lands here
 
     def encoder(self, name: str) -> EncoderConfig:
         for enc in self.encoders:
@@ -247,6 +272,8 @@ def _parse_value(text: str) -> Any:
 def _set_path(obj: Any, path: list[str], value: Any, full_key: str) -> None:
     """Set a dotted path on nested dataclasses; encoders are addressed by name (`encoders.dinov2.weights`)."""
     head, rest = path[0], path[1:]
+    if isinstance(obj, ModelConfig) and head == "encoders" and rest and rest[0] in ENCODER_RUNTIME_KEYS:
+        return _set_path(obj.encoder_runtime, rest, value, full_key)  # `encoders.mode`, not an encoder named "mode"
     if isinstance(obj, list):  # the encoder list
         target = next((e for e in obj if getattr(e, "name", None) == head), None)
         if target is None:
@@ -362,8 +389,26 @@ def validate(cfg: ModelConfig) -> None:
                               f"{cfg.visual.frames_sampled} frames sampled")
         if enc.frames % enc.tubelet or (enc.clip_frames and enc.frames % enc.clip_frames):
             raise ConfigError(f"encoder {enc.name!r}: frames {enc.frames} not divisible by its tubelet/clip")
+        if enc.attention not in ENCODER_ATTENTION:
+            raise ConfigError(f"encoder {enc.name!r}: attention={enc.attention!r}; choose one of "
+                              f"{list(ENCODER_ATTENTION)}")
+    runtime = cfg.encoder_runtime
+    if runtime.mode not in ENCODER_MODES:
+        raise ConfigError(f"encoders.mode={runtime.mode!r}; choose one of {list(ENCODER_MODES)}")
+    for key in ("compile", "prefetch"):
+        if not isinstance(getattr(runtime, key), bool):
+            raise ConfigError(f"encoders.{key} must be true or false, got {getattr(runtime, key)!r}")
     if cfg.llm.prompt_format not in PROMPT_FORMATS:
         raise ConfigError(f"unknown prompt_format {cfg.llm.prompt_format!r}; formats are {list(PROMPT_FORMATS)}")
+    if cfg.llm.attention not in LLM_ATTENTION:
+        raise ConfigError(f"llm.attention={cfg.llm.attention!r}; choose one of {list(LLM_ATTENTION)}")
+    if cfg.llm.loss not in LLM_LOSSES:
+        raise ConfigError(f"llm.loss={cfg.llm.loss!r}; choose one of {list(LLM_LOSSES)}")
+    fused = cfg.llm.fused_layer_kernels
+    if not isinstance(fused, bool) and not (isinstance(fused, (list, tuple))
+                                            and all(op in LLM_FUSED_LAYER_OPS for op in fused)):
+        raise ConfigError(f"llm.fused_layer_kernels={fused!r}; use true, false or a list of "
+                          f"{list(LLM_FUSED_LAYER_OPS)}")
     if cfg.kernels not in KERNEL_BACKENDS:
         raise ConfigError(f"kernels={cfg.kernels!r}; choose one of {list(KERNEL_BACKENDS)}")
     if cfg.llm.hidden_size % cfg.llm.num_heads or cfg.llm.num_heads % cfg.llm.num_kv_heads:

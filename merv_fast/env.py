@@ -178,6 +178,17 @@ def decoder_report() -> dict[str, Any]:
     return {"auto": name, "why": why}
 
 
+def attention_report() -> dict[str, Any]:
+    """Each LLM attention backend on this machine's training device, available or not and why; what `auto` picks."""
+    from merv_fast.model.attention import availability, resolve_attention
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else None  # the trainer's activations on a GPU
+    auto, why = resolve_attention("auto", device, dtype)
+    backends = {name: {"available": ok, "why": reason} for name, (ok, reason) in availability(device, dtype).items()}
+    return {"device": device.type, "backends": backends, "auto": auto, "why": why}
+
+
 def environment_report() -> dict[str, Any]:
     packages = {"triton": probe_triton()}
     packages.update({name: probe_package(module, needs_cuda) for name, (module, needs_cuda)
@@ -193,6 +204,7 @@ def environment_report() -> dict[str, Any]:
         "packages": packages,
         "native": native_report(),
         "kernels": kernel_backend_report(),
+        "attention": attention_report(),
         "decoder": decoder_report(),
         "merv_fast": versions()["merv_fast"],
     }
@@ -230,6 +242,12 @@ def format_report(report: dict[str, Any]) -> str:
     resolved = kernels["resolves_to"] or f"error: {kernels['why']}"
     lines.append(("kernels", f"{kernels['requested']} (from {kernels['source']}) -> {resolved} on "
                              f"{kernels['device']}; auto -> {kernels['auto_resolves_to']}"))
+    attention = report.get("attention")
+    if attention:
+        for name, info in attention["backends"].items():
+            state = "available" if info["available"] else "not available"
+            lines.append((f"attention {name}", f"{state}: {info['why']}"))
+        lines.append(("attention auto", f"{attention['auto']} on {attention['device']} ({attention['why']})"))
     decoder = report.get("decoder")
     if decoder:
         lines.append(("decoder", f"{decoder['auto'] or 'none'} ({decoder['why']})"))

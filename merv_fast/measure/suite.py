@@ -35,8 +35,10 @@ from merv_fast.measure.results import ResultsFile, _write_atomically, device_slu
 
 MAX_BUDGET_S = 300
 # Modules imported before the suite runs, each registering its areas on import, e.g. "merv_fast.measure.bench_visual".
-AREA_MODULES: list[str] = ["merv_fast.measure.gpu_areas", "merv_fast.measure.data_areas",
-                           "merv_fast.measure.command_areas"]
+AREA_MODULES: list[str] = ["merv_fast.measure.gpu_areas", "merv_fast.measure.encoder_areas",
+                           "merv_fast.measure.data_areas",
+                           "merv_fast.measure.command_areas", "merv_fast.measure.llama_kernel_areas",
+                           "merv_fast.measure.eval_areas", "merv_fast.measure.llm_areas"]
 SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the repo root in a source checkout (editable install)
 
 

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import torch
 
-from merv_fast.config import LLMConfig
+from merv_fast.config import LLM_LOSSES, LLMConfig
+from merv_fast.kernels.fused_linear_ce import linear_cross_entropy
+from merv_fast.model.attention import Documents, backend_of, install, resolve_attention
 
 IGNORE_INDEX = -100
 PAD_TOKEN = "<PAD>"
@@ -60,6 +62,7 @@ def build_llm(cfg: LLMConfig):
         model = LlamaForCausalLM(llama_config(cfg))
         if cfg.add_pad_token:
             model.config.pad_token_id = cfg.vocab_size  # the id `<PAD>` gets when added to a `vocab_size` tokenizer
+        attach_attention(model, cfg)
         return model
 
     from transformers import AutoModelForCausalLM
@@ -75,7 +78,19 @@ def build_llm(cfg: LLMConfig):
                          "refusing to train from randomly initialised ones")
     resize_embeddings(model, cfg)
     model.config.use_cache = False
+    attach_attention(model, cfg)
     return model
+
+
+def attach_attention(model, cfg: LLMConfig) -> tuple[str, str]:
+    """Resolve `cfg.attention` for the device the model lives on (meta: the machine's) and install it; -> (backend,
+    why). CUDA assumes the trainer's bf16 activations."""
+    device = next(model.parameters()).device
+    if device.type == "meta":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backend, why = resolve_attention(cfg.attention, device, torch.bfloat16 if device.type == "cuda" else None)
+    install(model, backend)
+    return backend, why
 
 
 def resize_embeddings(model, cfg: LLMConfig) -> None:
@@ -145,3 +160,47 @@ def splice_visual_tokens(text_embeds: torch.Tensor, attention_mask: torch.Tensor
         ignored = labels.new_full((batch, num_visual), IGNORE_INDEX)
         labels = torch.cat([labels[:, :p], ignored, labels[:, p:]], dim=1)
     return embeds, attention_mask, labels
+
+
+def llm_forward(llm, embeds: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None,
+                documents: Documents | None = None,
+                position_ids: torch.Tensor | None = None, num_items_in_batch: torch.Tensor | None = None,
+                loss: str = "plain", **llm_kwargs):
+    """The LLM on (already spliced) input embeddings, with the attention `llm` has installed.
+
+    `documents` describes packed rows (merv_fast/train/packing.py; `attention_mask` is then None): sdpa gets their
+    dense block-diagonal causal mask (transformers passes a 4-D mask through as is), the other backends the layout
+    itself. Unpacked training batches reach the non-sdpa backends as one document per row plus its padding tail.
+    `loss`: "plain" is transformers' loss on full logits; "fused" (the trainer passes `llm.loss`) is
+    kernels/fused_linear_ce.py's, and returns no logits. `num_items_in_batch` given: the SUM of per-token losses
+    divided by it (transformers' convention), else the mean over the supervised tokens.
+    """
+    backend = backend_of(llm)
+    if documents is None and labels is not None and attention_mask is not None and backend not in ("sdpa", None):
+        documents = Documents.from_padding_mask(attention_mask)
+    if documents is not None:
+        if backend is None:
+            raise ValueError(f"packed rows need one of merv_fast's attention backends, not "
+                             f"{llm.config._attn_implementation!r}")
+        if backend == "sdpa":
+            attention_mask = documents.dense_mask()
+        else:
+            attention_mask = None
+            llm_kwargs["documents"] = documents
+    head = llm.get_output_embeddings()
+    if loss not in LLM_LOSSES:
+        raise ValueError(f"loss={loss!r}; choose one of {list(LLM_LOSSES)}")
+    fused = labels is not None and loss == "fused" and isinstance(head, torch.nn.Linear) and head.bias is None
+    if not fused:
+        if num_items_in_batch is not None:
+            llm_kwargs["num_items_in_batch"] = num_items_in_batch
+        return llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, position_ids=position_ids,
+                   **llm_kwargs)
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    out = llm.get_decoder()(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
+                            **llm_kwargs)
+    value = linear_cross_entropy(out.last_hidden_state, head.weight, labels, ignore_index=IGNORE_INDEX,
+                                 reduction="mean" if num_items_in_batch is None else "sum",
+                                 divisor=num_items_in_batch)
+    return CausalLMOutputWithPast(loss=value)

@@ -10,13 +10,9 @@ from torch import nn
 from merv_fast.config import ModelConfig, apply_overrides, get_preset
 from merv_fast.kernels import set_backend
 from merv_fast.model.encoders import build_encoder
-from merv_fast.model.llm import build_llm, splice_visual_tokens
+from merv_fast.model.llm import build_llm, llm_forward, splice_visual_tokens
 from merv_fast.model.visual import VisualPath
-
-
-def is_per_frame(enc_cfg) -> bool:
-    """Encoders that see each frame on its own (no tubelets, no temporal attention): DINOv2, SigLIP."""
-    return enc_cfg.tubelet == 1 and enc_cfg.clip_frames == 0
+from merv_fast.runtime.encoders import EncoderRunner, is_per_frame  # noqa: F401  (is_per_frame: its old home)
 
 
 class MERV(nn.Module):
@@ -25,7 +21,11 @@ class MERV(nn.Module):
         self.config = cfg
         self.encoders = nn.ModuleDict({e.name: build_encoder(e) for e in cfg.encoders})
         self.encoders.requires_grad_(False)
+        self.encoder_runner = EncoderRunner(self.encoders, cfg.encoder_runtime)
         self.llm = build_llm(cfg.llm)
+        if cfg.llm.fused_layer_kernels:
+            from merv_fast.model.llama_kernels import apply_fused_llama_kernels
+            apply_fused_llama_kernels(self.llm, cfg.llm.fused_layer_kernels)
         self.visual = VisualPath(cfg, llm_dim=self.llm.config.hidden_size)
 
     # ------------------------------------------------------------------ properties
@@ -49,21 +49,13 @@ class MERV(nn.Module):
     @torch.no_grad()
     def encode(self, pixels: list[torch.Tensor], is_image: bool = False) -> list[torch.Tensor]:
         """Per-encoder inputs [B, T_e, 3, S, S] -> features [B, T_out, N, C], under no_grad (not inference_mode:
-        the projectors save these tensors for backward).
+        the projectors save these tensors for backward), through the runner of `config.encoder_runtime`
+        (sequential | streams | graph; merv_fast/runtime/encoders.py).
 
         An image is a static video. For the per-frame encoders, encoding one frame and tiling its features is exact,
         so they do that; the video encoders still see every repeated frame (each time step gets its own embedding).
         """
-        if len(pixels) != len(self.encoders):
-            raise ValueError(f"expected inputs for {len(self.encoders)} encoders {list(self.encoders)}, got {len(pixels)}")
-        features = []
-        for (name, encoder), px in zip(self.encoders.items(), pixels):
-            if is_image and is_per_frame(encoder.config):
-                one = encoder(px[:, :1])
-                features.append(one.expand(-1, px.shape[1], -1, -1))
-            else:
-                features.append(encoder(px))
-        return features
+        return self.encoder_runner(pixels, is_image=is_image)
 
     def visual_tokens(self, features: list[torch.Tensor], grids: list[tuple[int, int]] | None = None) -> torch.Tensor:
         """Encoder features (one [B, T_e, N_e, C_e] per encoder, preset order) -> [B, T'*H'*W', D_llm]."""
@@ -72,13 +64,20 @@ class MERV(nn.Module):
     def language_model_forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                                labels: torch.Tensor | None = None, visual: torch.Tensor | None = None,
                                **llm_kwargs: Any):
-        """The LLM on text, with `visual` tokens [B, V, D] spliced in right after BOS when given."""
+        """The LLM on text, with `visual` tokens [B, V, D] spliced in right after BOS when given, through the
+        configured attention backend (`llm.attention`). `loss="fused"` (the trainer's, from `llm.loss`) computes the
+        loss without logits; the default, transformers' loss, also returns the logits (see `llm_forward`)."""
+        embeds, attention_mask, labels = self.spliced_inputs(input_ids, attention_mask, labels, visual)
+        return llm_forward(self.llm, embeds, attention_mask, labels, **llm_kwargs)
+
+    def spliced_inputs(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                       labels: torch.Tensor | None, visual: torch.Tensor | None):
+        """(embeddings, mask, labels) of the LLM's input: text embeddings with `visual` spliced in after BOS."""
         embeds = self.llm.get_input_embeddings()(input_ids)
-        if visual is not None:
-            prefix = 1 if self.config.llm.has_bos else 0
-            embeds, attention_mask, labels = splice_visual_tokens(embeds, attention_mask, labels,
-                                                                  visual.to(embeds.dtype), prefix_length=prefix)
-        return self.llm(inputs_embeds=embeds, attention_mask=attention_mask, labels=labels, **llm_kwargs)
+        if visual is None:
+            return embeds, attention_mask, labels
+        prefix = 1 if self.config.llm.has_bos else 0
+        return splice_visual_tokens(embeds, attention_mask, labels, visual.to(embeds.dtype), prefix_length=prefix)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, pixels: list[torch.Tensor] | None = None,

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from merv_fast.config import ModelConfig
 from merv_fast.kernels.pooling import pool_concat, square_grid
 from merv_fast.kernels.project_fuse import FusionWeights, project_fuse_concat
+
+
+@dataclass
+class PooledFeatures:
+    """Features already pooled (the feature cache's): what `VisualPath.pool` returns, pooled [B, L, K] with encoder e
+    in columns offsets[e]:offsets[e+1], and the pooled tokens' means [B, K]. The visual path takes it in place of the
+    per-encoder feature list and skips pooling."""
+
+    pooled: torch.Tensor
+    means: torch.Tensor
 
 
 class CrossAttentionFusion(nn.Module):
@@ -80,14 +92,21 @@ class VisualPath(nn.Module):
         grids = grids or [square_grid(f.shape[2]) for f in features]
         return pool_concat(features, [tuple(g) for g in grids], self.pool_size)
 
-    def forward(self, features: list[torch.Tensor], grids: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    def forward(self, features: list[torch.Tensor] | PooledFeatures,
+                grids: list[tuple[int, int]] | None = None) -> torch.Tensor:
         tokens, _ = self.forward_with_mix(features, grids)
         return tokens
 
     def forward_with_mix(self, features, grids=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Also returns the fusion's per-(sample, encoder) weights [B, E], for inspection and tests."""
         dtype = compute_dtype(self.projectors[0].weight)
-        pooled, means = self.pool(features, grids)
+        if isinstance(features, PooledFeatures):
+            pooled, means = features.pooled, features.means
+            if pooled.shape[-1] != self.offsets[-1] or means.shape[-1] != self.offsets[-1]:
+                raise ValueError(f"pre-pooled features have {pooled.shape[-1]} columns; the encoders "
+                                 f"{self.encoder_names} have {self.offsets[-1]}")
+        else:
+            pooled, means = self.pool(features, grids)
         weight = torch.cat([p.weight for p in self.projectors], dim=1).to(dtype)
         bias = torch.stack([p.bias for p in self.projectors]).to(dtype)
         fusion = self.fusion.weights(dtype) if self.fusion is not None else None

@@ -95,7 +95,8 @@ class StepRunner:
             with phase("visual"):
                 visual = model.visual_tokens(features)
             with phase("llm_forward"):
-                loss = model.language_model_forward(b.input_ids, b.attention_mask, b.labels, visual).loss
+                loss = model.language_model_forward(b.input_ids, b.attention_mask, b.labels, visual,
+                                                    loss=cfg.llm.loss).loss  # the trainer's loss (fused)
         with phase("backward"):
             loss.backward()
         with phase("optimizer"):

@@ -48,6 +48,8 @@ class TrainConfig:
     hybrid_shard: bool = False  # 2-D mesh: replicate across nodes, shard within a node
     cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: sharded parameters, gradients and optimizer state on the host
     apex_adam: bool = False  # NVIDIA apex's FusedAdam where the real apex imports; else torch's fused AdamW
+    packing: bool = False  # pack each micro-batch's samples into rows of pack_budget tokens (train/packing.py)
+    pack_budget: int = 16384  # tokens per packed row: a whole stage-2 micro-batch of 8; ~4096 with sdpa (packing.py)
     seed: int = 0
     save_every: int = 0  # 0: only the final checkpoint
     keep_last: int = 2
@@ -61,6 +63,7 @@ class TrainConfig:
     log_every: int = 1
     resume: bool = False
     init_from: str | None = None
+    feature_cache: str | None = None  # a `merv-fast cache-features` directory: read pooled features, skip the encoders
     device: str | None = None  # default: cuda:LOCAL_RANK when CUDA is available, else cpu
     explicit: list[str] = field(default_factory=list, repr=False)  # keys set by the user (not the recipe)
 
@@ -72,6 +75,10 @@ class TrainConfig:
                              ("split", ("kind", "release"))):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}={getattr(self, key)!r}; choose one of {list(allowed)}")
+        if not isinstance(self.packing, bool):
+            raise ConfigError(f"packing must be true or false, got {self.packing!r}")
+        if not isinstance(self.pack_budget, int) or isinstance(self.pack_budget, bool) or self.pack_budget < 1:
+            raise ConfigError(f"pack_budget must be a positive number of tokens, got {self.pack_budget!r}")
         if self.global_batch_size < 1:
             raise ConfigError(f"global_batch_size must be positive, got {self.global_batch_size}")
         if self.micro_batch_size is not None and self.micro_batch_size < 1:

@@ -239,7 +239,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer=None) -> dict:
     if cfg.init_from:
         _load_init(model, cfg.init_from)
     apply_activation_checkpointing(model.llm, cfg.activation_checkpointing)
-    module = TrainModule(model)
+    module = TrainModule(model, pack_budget=cfg.pack_budget if cfg.packing else None)
     module = shard_model(module, info, param_dtype=cfg.param_dtype, reduce_dtype=cfg.reduce_dtype,
                          hybrid=cfg.hybrid_shard, compile_layers=cfg.compile_llm, cpu_offload=cfg.cpu_offload)
     model.train()
@@ -251,9 +251,18 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer=None) -> dict:
     elif media_root is None:
         media_root = str(Path(data_json).parent)
     tokenizer = build_tokenizer_for(model_cfg)
-    dataset = VideoLLaVADataset(load_entries(data_json), media_root, tokenizer,
-                                prompt_format=model_cfg.llm.prompt_format, max_length=model_cfg.llm.max_text_tokens,
-                                seed=cfg.seed, frames=model_cfg.visual.frames_sampled, decoder=cfg.decoder)
+    dataset_args = (load_entries(data_json), media_root, tokenizer)
+    dataset_kwargs = dict(prompt_format=model_cfg.llm.prompt_format, max_length=model_cfg.llm.max_text_tokens,
+                          seed=cfg.seed, frames=model_cfg.visual.frames_sampled, decoder=cfg.decoder)
+    feature_cache = None
+    if cfg.feature_cache:  # pooled features read from the cache: no decoding, no encoders
+        from merv_fast.runtime.feature_cache import CachedFeatureDataset, FeatureCache, training_autocast
+
+        feature_cache = FeatureCache(cfg.feature_cache)
+        feature_cache.check(model, training_autocast(device))
+        dataset = CachedFeatureDataset(feature_cache, *dataset_args, **dataset_kwargs)
+    else:
+        dataset = VideoLLaVADataset(*dataset_args, **dataset_kwargs)
     per_rank = cfg.global_batch_size // info.world_size if cfg.global_batch_size % info.world_size == 0 else None
     if per_rank is None:
         raise ValueError(f"global_batch_size {cfg.global_batch_size} is not a multiple of the world size "
@@ -283,6 +292,9 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer=None) -> dict:
     stepper = Stepper(module, optimizer, scheduler, device=device, loss_norm=cfg.loss_norm, grad_clip=cfg.grad_clip,
                       nan_policy=cfg.nan_policy, world_size=info.world_size,
                       autocast_dtype=torch.bfloat16 if gpu else None, timer=timer)
+    if feature_cache is not None:
+        names = [e.name for e in model_cfg.encoders]
+        stepper.feature_source = lambda batch, dev: dataset.features_for(batch, names, dev)
     peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if gpu else None
     metrics = MetricsWriter(out, info.is_main)
     pad_id = tokenizer.pad_token_id

@@ -30,7 +30,8 @@ except ImportError:  # older spelling
     from torch.distributed._composable.fsdp import (CPUOffloadPolicy, FSDPModule,  # type: ignore[no-redef]
                                                     MixedPrecisionPolicy, fully_shard)
 
-from merv_fast.model.llm import IGNORE_INDEX
+from merv_fast.model.llm import IGNORE_INDEX, llm_forward
+from merv_fast.train.packing import pack
 
 __all__ = ["DistInfo", "init_distributed", "TrainModule", "shard_model", "apply_activation_checkpointing",
            "is_fsdp", "CPUOffloadPolicy", "FSDPModule", "MixedPrecisionPolicy", "fully_shard", "all_reduce_sum",
@@ -96,12 +97,13 @@ class TrainModule(nn.Module):
     forward (the LLM's embeddings are called outside `llm.forward` in `MERV.language_model_forward`). The frozen
     encoders are deliberately not registered here: they are never sharded."""
 
-    def __init__(self, merv: nn.Module):
+    def __init__(self, merv: nn.Module, pack_budget: int | None = None):
         super().__init__()
         self.visual = merv.visual
         self.llm = merv.llm
         object.__setattr__(self, "_merv", merv)  # not a submodule (its encoders must stay out of FSDP)
         self._dummy_shapes: list[tuple[int, ...]] | None = None
+        self.pack_budget = pack_budget  # None: no packing; else tokens per packed row (merv_fast/train/packing.py)
 
     @property
     def merv(self) -> nn.Module:
@@ -122,17 +124,31 @@ class TrainModule(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor | None,
                 features: list[torch.Tensor] | None = None, num_items_in_batch: torch.Tensor | None = None):
         """-> (loss, visual token count per sample). `num_items_in_batch` given: the loss is the SUM of the per-token
-        losses divided by it (transformers' loss); else the mean over this micro-batch's supervised tokens."""
-        kwargs = {} if num_items_in_batch is None else {"num_items_in_batch": num_items_in_batch}
+        losses divided by it (transformers' loss); else the mean over this micro-batch's supervised tokens. The loss
+        is `llm.loss`'s (fused: no full logits), on the samples packed into rows when `pack_budget` is set."""
+        kwargs = {"loss": self.merv.config.llm.loss}
+        if num_items_in_batch is not None:
+            kwargs["num_items_in_batch"] = num_items_in_batch
         if features is not None:
             visual = self.visual(features)
-            out = self.merv.language_model_forward(input_ids, attention_mask, labels, visual, **kwargs)
+            out = self._language_model(input_ids, attention_mask, labels, visual, kwargs)
             return out.loss, visual.shape[1]
         # Text-only: the visual path still runs (every rank runs every FSDP unit), with zero weight on the loss.
         dtype = next(self.visual.parameters()).dtype
         dummy = self.visual(self.dummy_features(input_ids.device, dtype))
-        out = self.merv.language_model_forward(input_ids, attention_mask, labels, None, **kwargs)
+        out = self._language_model(input_ids, attention_mask, labels, None, kwargs)
         return out.loss + 0.0 * dummy.float().sum(), 0
+
+    def _language_model(self, input_ids, attention_mask, labels, visual, kwargs):
+        """The LLM forward on the micro-batch as given, or on its samples packed into rows of `pack_budget`."""
+        if not self.pack_budget:
+            return self.merv.language_model_forward(input_ids, attention_mask, labels, visual, **kwargs)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        embeds, attention_mask, labels = self.merv.spliced_inputs(input_ids, attention_mask, labels, visual)
+        packed = pack(embeds, attention_mask, labels, self.pack_budget)
+        return llm_forward(self.llm, packed.embeds, None, packed.labels, packed.documents, packed.position_ids,
+                           **kwargs)
 
 
 def supervised_targets(labels: torch.Tensor, num_visual: int, has_bos: bool) -> int:

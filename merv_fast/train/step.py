@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -50,16 +50,20 @@ class StepResult:
 
 @dataclass
 class Prepared:
-    """A micro-batch already on the device with its encoder inputs (what the CUDA prefetcher hands over)."""
+    """A micro-batch already on the device with its encoder inputs (what the CUDA prefetcher hands over), and its
+    features when they are ready early: from the feature cache, or encoded one micro-batch ahead on the prefetcher's
+    side stream (`encoders.prefetch`)."""
 
     batch: Batch
     pixels: list[torch.Tensor] | None
+    features: Any = None  # list of per-encoder features | PooledFeatures | None
 
 
-def _micro_flops(cfg, batch: Batch, num_visual: int) -> float:
+def _micro_flops(cfg, batch: Batch, num_visual: int, encoders_run: bool = True) -> float:
     lengths = batch.attention_mask.sum(dim=1).tolist()
     visual = num_visual > 0
-    per_sample_fixed = (sum(encoder_forward_flops(e) for e in cfg.encoders) + visual_path_flops(cfg)) if visual else 0
+    encoders = sum(encoder_forward_flops(e) for e in cfg.encoders) if encoders_run else 0  # 0: the feature cache
+    per_sample_fixed = (encoders + visual_path_flops(cfg)) if visual else 0
     return float(sum(llm_train_flops(cfg.llm, int(n) + num_visual) + per_sample_fixed for n in lengths))
 
 
@@ -90,6 +94,11 @@ class Stepper:
         self.autocast_dtype = autocast_dtype
         self.timer = timer or PhaseTimer(device)
         self.params = [p for p in module.parameters() if p.requires_grad]
+        # Training from the feature cache: batch -> PooledFeatures on the device (the encoders never run).
+        self.feature_source: Callable[[Batch, torch.device], Any] | None = None
+        # encoders.prefetch: on CUDA, the prefetcher's side stream runs the next micro-batch's encoders while this
+        # one trains (same runner, same autocast: the same features). A CPU run has no prefetcher: nothing changes.
+        self.prefetch_encoders = self.cfg.encoder_runtime.prefetch and device.type == "cuda"
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -100,16 +109,22 @@ class Stepper:
         """A batch already on the device -> its encoder inputs (None for text-only); the prefetcher's function."""
         if b.frames is None:
             return Prepared(b, None)
+        if self.feature_source is not None:
+            return Prepared(b, None, self.feature_source(b, self.device))
         pixels = preprocess_batch(b.frames, self.cfg.encoders, self.cfg.visual.frames_sampled, b.flip,
                                   self.enc_dtype, is_image=b.is_image)
-        return Prepared(b, pixels)
+        features = None
+        if self.prefetch_encoders:
+            with self._autocast():
+                features = self.merv.encode(pixels, is_image=bool(b.is_image.all()))
+        return Prepared(b, pixels, features)
 
-    def prepare(self, batch: Batch | Prepared) -> tuple[Batch, list[torch.Tensor] | None]:
-        """Host batch -> device batch and each encoder's preprocessed input (None for a text-only batch)."""
+    def prepare(self, batch: Batch | Prepared) -> Prepared:
+        """Host batch -> device batch, each encoder's preprocessed input (None for a text-only batch) and the
+        features when they are ready already."""
         if isinstance(batch, Prepared):
-            return batch.batch, batch.pixels
-        p = self.prepare_on_device(batch.to(self.device))
-        return p.batch, p.pixels
+            return batch
+        return self.prepare_on_device(batch.to(self.device))
 
     def step(self, micro_batches: Sequence[Batch | Prepared], data_time: float = 0.0) -> StepResult:
         """One optimizer step over `micro_batches` (host `Batch`es, or `Prepared` ones from the CUDA prefetcher)."""
@@ -128,7 +143,7 @@ class Stepper:
             counts[1] += len(mb)
             counts[2] += float(mb.attention_mask.sum())
             counts[3] += v * len(mb)
-            flops += _micro_flops(self.cfg, mb, v)
+            flops += _micro_flops(self.cfg, mb, v, encoders_run=self.feature_source is None)
         counts[0] = sum(local_targets)
         counts[4] = flops
         with phase("comm"):
@@ -142,10 +157,10 @@ class Stepper:
             if fsdp:  # reduce-scatter gradients once per step, on the last micro-batch
                 self.module.set_requires_gradient_sync(i == k - 1)
             with phase("data"):
-                b, pixels = self.prepare(mb)
+                prepared = self.prepare(mb)
+            b, pixels, features = prepared.batch, prepared.pixels, prepared.features
             with self._autocast():
-                features = None
-                if pixels is not None:
+                if features is None and pixels is not None:
                     with phase("encoders"):
                         features = self.merv.encode(pixels, is_image=bool(b.is_image.all()))
                 with phase("llm_forward"):  # visual path + LLM (the visual path runs inside the FSDP root)

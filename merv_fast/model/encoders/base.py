@@ -53,7 +53,7 @@ def hf_vit_kwargs(cfg: EncoderConfig) -> dict:
     return dict(
         hidden_size=cfg.hidden_size, num_hidden_layers=cfg.layers_run, num_attention_heads=cfg.num_heads,
         hidden_act=cfg.hidden_act, layer_norm_eps=cfg.layer_norm_eps, image_size=cfg.image_size,
-        patch_size=cfg.patch_size, num_channels=3, attn_implementation="sdpa",
+        patch_size=cfg.patch_size, num_channels=3, attn_implementation=cfg.attention,
     )
 
 

@@ -21,13 +21,20 @@ from merv_fast.config import EncoderConfig
 from merv_fast.model.encoders.base import Encoder, StateDict, WeightsError, find_tower
 
 
-class ClipAttention(nn.Module):
-    """CLIP multi-head attention (q/k/v/out projections with bias) through PyTorch SDPA; its default scale
-    1/sqrt(head_dim) is CLIP's."""
+def eager_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention as the release computed it (scores materialised, softmax in fp32): the reference SDPA must match."""
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return scores.softmax(dim=-1, dtype=torch.float32).to(q.dtype) @ v
 
-    def __init__(self, width: int, heads: int):
+
+class ClipAttention(nn.Module):
+    """CLIP multi-head attention (q/k/v/out projections with bias) through PyTorch SDPA (or `eager_attention`, the
+    release's way, when configured); SDPA's default scale 1/sqrt(head_dim) is CLIP's."""
+
+    def __init__(self, width: int, heads: int, attention: str = "sdpa"):
         super().__init__()
         self.heads = heads
+        self.attend = F.scaled_dot_product_attention if attention == "sdpa" else eager_attention
         self.q_proj = nn.Linear(width, width)
         self.k_proj = nn.Linear(width, width)
         self.v_proj = nn.Linear(width, width)
@@ -37,7 +44,7 @@ class ClipAttention(nn.Module):
         n, length, width = x.shape
         q, k, v = (proj(x).view(n, length, self.heads, -1).transpose(1, 2)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = self.attend(q, k, v)
         return self.out_proj(out.transpose(1, 2).reshape(n, length, width))
 
 
@@ -75,9 +82,9 @@ class TemporalClipLayer(nn.Module):
         self.temporal_embedding = nn.Parameter(torch.empty(1, cfg.clip_frames, width))
         nn.init.normal_(self.temporal_embedding, std=width ** -0.5)
         self.temporal_layer_norm1 = nn.LayerNorm(width, eps=cfg.layer_norm_eps)
-        self.temporal_attn = ClipAttention(width, cfg.num_heads)
+        self.temporal_attn = ClipAttention(width, cfg.num_heads, cfg.attention)
         self.layer_norm1 = nn.LayerNorm(width, eps=cfg.layer_norm_eps)
-        self.self_attn = ClipAttention(width, cfg.num_heads)
+        self.self_attn = ClipAttention(width, cfg.num_heads, cfg.attention)
         self.layer_norm2 = nn.LayerNorm(width, eps=cfg.layer_norm_eps)
         self.mlp = ClipMLP(width, cfg.intermediate_size, cfg.hidden_act)
 
