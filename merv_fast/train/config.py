@@ -26,6 +26,7 @@ LOSS_NORMS = ("tokens", "release")
 AC_MODES = ("full", "selective", "off")
 NAN_POLICIES = ("stop", "skip")
 DTYPES = ("bfloat16", "float32", "float16")
+EXPORTS = ("safetensors", "release", "both", "none")
 
 
 @dataclass
@@ -53,6 +54,7 @@ class TrainConfig:
     seed: int = 0
     save_every: int = 0  # 0: only the final checkpoint
     keep_last: int = 2
+    export: str = "safetensors"  # at the end of a finished run: safetensors | release | both | none
     out: str = "runs/train"
     data: str | None = None  # LLaVA JSON; None: synthetic data, generated once into a cache directory
     media_root: str | None = None
@@ -72,7 +74,7 @@ class TrainConfig:
             raise ConfigError(f"unknown recipe {self.recipe!r}; recipes are {sorted(RECIPES)}")
         for key, allowed in (("loss_norm", LOSS_NORMS), ("activation_checkpointing", AC_MODES),
                              ("nan_policy", NAN_POLICIES), ("param_dtype", DTYPES), ("reduce_dtype", DTYPES),
-                             ("split", ("kind", "release"))):
+                             ("split", ("kind", "release")), ("export", EXPORTS)):
             if getattr(self, key) not in allowed:
                 raise ConfigError(f"{key}={getattr(self, key)!r}; choose one of {list(allowed)}")
         if not isinstance(self.packing, bool):

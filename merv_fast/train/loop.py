@@ -208,6 +208,19 @@ def _load_init(model, path: str) -> None:
     load_release_checkpoint(model, path)
 
 
+def export_weights(model, out: Path, export: str) -> dict[str, str]:
+    """The trained weights (all but the frozen encoders), gathered from the shards: `model.safetensors` (ours, what
+    `merv-fast eval --weights` reads) and/or `release_checkpoint.pt` (the release's layout). Every rank calls it."""
+    from merv_fast.train.checkpoint import export_release, export_safetensors
+
+    written = {}
+    if export in ("safetensors", "both"):
+        written["safetensors"] = export_safetensors(model, out / "model.safetensors")
+    if export in ("release", "both"):
+        written["release"] = export_release(model, out / "release_checkpoint.pt")
+    return {k: str(v) for k, v in written.items() if v is not None}
+
+
 def _make_checkpointer(cfg: TrainConfig):
     from merv_fast.train.checkpoint import Checkpointer
 
@@ -317,6 +330,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer=None) -> dict:
 
     signals = install_signal_handlers()  # SIGTERM/SIGINT: finish the step, save, exit cleanly
     stop_requested = False
+    exported: dict[str, str] = {}
     try:
         while state.step < last and not stop_requested:
             sampler.set_epoch(state.epoch)
@@ -371,6 +385,8 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer=None) -> dict:
                 state.epoch += 1
                 state.consumed = 0
         checkpointer.save_final(state)
+        if not stop_requested:  # a preempted run resumes from its checkpoint; a finished one hands its weights on
+            exported = export_weights(model, out, cfg.export)
     finally:
         signals.restore()
         metrics.close()
@@ -379,7 +395,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer=None) -> dict:
                "micro_batches_per_step": k, "micro_batch_size": micro, "world_size": info.world_size,
                "final_loss": losses[-1] if losses else None, "losses": losses, "skipped_steps": skipped,
                "wall_s": wall, "bad_samples": summarize_bad_samples(bad_all), "data": data_json,
-               "config": cfg.to_dict(), "model": model_cfg.name}
+               "config": cfg.to_dict(), "model": model_cfg.name, "exported": exported}
     if info.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

@@ -63,3 +63,35 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["stopped_by_signal"] and summary["steps"] < 200
     assert (out / "latest").exists() and "signal received" in err
+
+
+def test_finished_run_exports_weights_that_equal_its_last_checkpoint(tmp_path, monkeypatch):
+    """export=both: `model.safetensors` and the release-layout file hold the weights of the run's final checkpoint."""
+    import torch
+
+    from merv_fast.eval.weights import load_weights
+    from merv_fast.model.merv import build_model
+
+    monkeypatch.setenv("MERV_FAST_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--max-steps", "2", "--out", str(out), "--set", "num_workers=0",
+                 "--set", "kernels=torch", "--set", "export=both"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["exported"]) == {"safetensors", "release"}
+
+    def trained(weights):
+        torch.manual_seed(123)  # another init than training's: every compared weight must come from the file
+        model = build_model("tiny")
+        load_weights(model, weights)
+        return {k: v for k, v in model.state_dict().items() if not k.startswith("encoders.")}
+
+    from_checkpoint = trained(out)  # the run directory: its newest DCP checkpoint
+    for exported in (out / "model.safetensors", out / "release_checkpoint.pt"):
+        weights = trained(exported)
+        assert weights.keys() == from_checkpoint.keys()
+        different = [k for k in weights if not torch.equal(weights[k], from_checkpoint[k])]
+        assert not different, f"{exported.name}: {different[:5]}"
+    torch.manual_seed(123)
+    unloaded = build_model("tiny").state_dict()
+    assert all(not torch.equal(unloaded[k], from_checkpoint[k]) for k in
+               ("visual.projectors.0.weight", "llm.lm_head.weight", "llm.model.layers.0.mlp.up_proj.weight"))
