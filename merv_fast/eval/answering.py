@@ -5,7 +5,8 @@ Two residual-stream channels carry it: every text token's embedding gets +`stren
 letter's in channel 1; the LM head reads channel 0 into the letters' logits and channel 1 into EOS's. The last
 prompt position (a text token) then prefers the letters, and a letter prefers EOS next. Which letter wins is left
 to the rest of the state; a random LLM's last state hardly depends on the prompt (its own token dominates it), so
-the choice rarely changes between questions: tests that need per-question differences compare logits.
+on its own the choice rarely changes between questions. `center_letters` fixes that: it removes from the letters'
+head rows what the answer states of sample questions share, so that what differs between questions decides.
 """
 
 from __future__ import annotations
@@ -29,3 +30,41 @@ def bias_toward_letters(model, tokenizer, letters: int = 3, then_eos: bool = Tru
     if then_eos:
         embed[letter_ids, 1] += strength
         head[tokenizer.eos_token_id, 1] = strength
+
+
+@torch.no_grad()
+def answer_states(model, tokenizer, items, visual: dict) -> torch.Tensor:
+    """[N, D]: the LLM's final hidden states (the LM head's input) at the answer position of each question."""
+    from merv_fast.eval import decide, inputs
+    from merv_fast.eval.prompts import prompt_for
+    from merv_fast.eval.runner import clip_key
+
+    seen = []
+    hook = model.llm.get_output_embeddings().register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    try:
+        ids = inputs.tokenize_prompts(tokenizer, [prompt_for(i, model.config.llm.prompt_format) for i in items],
+                                      model.config.llm.max_text_tokens, has_bos=model.config.llm.has_bos)
+        tokens = torch.stack([visual[clip_key(i)] for i in items])
+        decide.letter_decisions(model, *inputs.left_padded_inputs(model, ids, tokens, tokenizer.pad_token_id),
+                                decide.letter_token_ids(tokenizer), [len(i.options) for i in items])
+    finally:
+        hook.remove()
+    return seen[-1][:, -1].float()
+
+
+@torch.no_grad()
+def center_letters(model, tokenizer, states: torch.Tensor, letters: int = 3) -> None:
+    """Make WHICH letter wins depend on the question and the video: each letter's head row loses its component
+    along the mean answer state `states.mean(0)` and gets the letters' common one instead. At the mean state every
+    letter then scores the same (still far above every other token), so the choice is decided by how this
+    question's state differs from the mean. Call after `bias_toward_letters`, with `answer_states` of sample
+    questions (the visual tokens do not depend on the head, so they stay valid)."""
+    from merv_fast.eval.decide import letter_token_ids
+
+    head = model.llm.get_output_embeddings().weight
+    ids = torch.tensor(letter_token_ids(tokenizer, letters), device=head.device)
+    mean = states.mean(0).to(head.device)
+    unit = mean / mean.norm()
+    rows = head[ids].float()
+    along = rows @ unit
+    head[ids] = (rows - along[:, None] * unit + along.mean() * unit).to(head.dtype)

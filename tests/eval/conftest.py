@@ -16,11 +16,16 @@ def eval_sets(tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
-def answering():
-    """(model, tokenizer): tiny, random, biased to answer an option letter then EOS (as a trained model does)."""
-    from merv_fast.measure.eval_areas import answering_model
+def answering(eval_sets):
+    """(model, tokenizer): tiny, random, biased to answer an option letter then EOS (as a trained model does), its
+    letters centred on the multiple-choice sets so that which letter wins changes from question to question."""
+    from merv_fast.eval.answering import answer_states, center_letters
+    from merv_fast.measure.eval_areas import answering_model, scorers
 
-    return answering_model("tiny", torch.device("cpu"))
+    model, tokenizer = answering_model("tiny", torch.device("cpu"))
+    items, visual, _, _ = scorers(model, tokenizer, "mc", [eval_sets["mcq"], eval_sets["NExT-QA-synth"]], 7)
+    center_letters(model, tokenizer, answer_states(model, tokenizer, items, visual))
+    return model, tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ def test_letter_logits_decide_as_generation_does(answering, mc_scoring):
             compared += 1
             assert release_choice(text) == letter.lower(), (item.key, letter, text)
     assert compared >= 20, f"only {compared} of {len(items)} questions compared"
+    assert set(letters) == {"A", "B", "C"}, f"the decisions should vary between questions: {letters}"
     assert all(text in LETTERS[:3] for text in generated), "the biased model answers a letter, then EOS"
 
 
