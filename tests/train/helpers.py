@@ -38,7 +38,7 @@ def concat(a: Batch, b: Batch) -> Batch:
 
 
 def make_stepper(seed: int = 0, optimizer: str = "adamw", loss_norm: str = "tokens", nan_policy: str = "stop",
-                 grad_clip: float = 1.0, lr: float = 1e-3, info=None, world_size: int = 1):
+                 grad_clip: float = 1.0, lr: float = 1e-3, info=None, world_size: int = 1, hybrid: bool = False):
     from merv_fast.model.merv import build_model
     from merv_fast.train.optim import build_optimizer
     from merv_fast.train.parallel import TrainModule, shard_model
@@ -49,7 +49,7 @@ def make_stepper(seed: int = 0, optimizer: str = "adamw", loss_norm: str = "toke
     model = build_model("tiny", kernels="torch")
     module = TrainModule(model)
     if info is not None:
-        module = shard_model(module, info)
+        module = shard_model(module, info, hybrid=hybrid)
     if optimizer == "sgd":
         opt = torch.optim.SGD([p for p in module.parameters() if p.requires_grad], lr=lr)
     else:

@@ -95,3 +95,22 @@ def test_finished_run_exports_weights_that_equal_its_last_checkpoint(tmp_path, m
     unloaded = build_model("tiny").state_dict()
     assert all(not torch.equal(unloaded[k], from_checkpoint[k]) for k in
                ("visual.projectors.0.weight", "llm.lm_head.weight", "llm.model.layers.0.mlp.up_proj.weight"))
+
+
+def test_init_from_starts_from_the_given_weights(tmp_path, monkeypatch):
+    """--init-from a release-layout export: a run with lr 0 changes nothing, so it exports exactly those weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    monkeypatch.setenv("MERV_FAST_CACHE", str(tmp_path / "cache"))
+    common = ["train", "--preset", "tiny", "--max-steps", "1", "--set", "num_workers=0", "--set", "kernels=torch"]
+    first, second = tmp_path / "first", tmp_path / "second"
+    assert main(common + ["--out", str(first), "--seed", "1", "--set", "export=both"]) == 0
+    assert main(common + ["--out", str(second), "--seed", "2", "--init-from", str(first / "release_checkpoint.pt"),
+                          "--set", "lr=0.0", "--set", "weight_decay=0.0"]) == 0
+    given, kept = load_file(str(first / "model.safetensors")), load_file(str(second / "model.safetensors"))
+    assert given.keys() == kept.keys()
+    assert all(torch.equal(given[k], kept[k]) for k in given)
+    assert main(common + ["--out", str(tmp_path / "third"), "--seed", "2", "--set", "lr=0.0"]) == 0
+    fresh = load_file(str(tmp_path / "third" / "model.safetensors"))  # seed 2 without --init-from: other weights
+    assert not torch.equal(fresh["visual.projectors.0.weight"], given["visual.projectors.0.weight"])
