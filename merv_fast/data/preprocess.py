@@ -145,6 +145,8 @@ def preprocess_batch(frames: torch.Tensor | list[torch.Tensor], encoders: Sequen
     if len(groups) == 1:
         x = frames if samples is None else (samples[0].unsqueeze(0) if b == 1 else torch.stack(samples))
         outs = run(x, flip)
+    elif _writes_in_place(samples, image, dtype):
+        outs = _preprocess_into_batch(samples, encoders, frames_sampled, flip, dtype)
     else:
         outs = None
         for idx in groups.values():
@@ -158,4 +160,22 @@ def preprocess_batch(frames: torch.Tensor | list[torch.Tensor], encoders: Sequen
                 o.index_copy_(0, where, p)
     if image:
         outs = [o.expand(-1, e.frames, -1, -1, -1) for o, e in zip(outs, encoders)]
+    return outs
+
+
+def _writes_in_place(samples: list[torch.Tensor], image: bool, dtype: torch.dtype) -> bool:
+    """Mixed-size CPU videos with the native op usable: it can write each sample straight into its batch row."""
+    return (not image and dtype in _OP_DTYPES and all(f.device.type == "cpu" for f in samples)
+            and _op.native_reason() is None)
+
+
+def _preprocess_into_batch(samples: list[torch.Tensor], encoders: Sequence[EncoderConfig], frames_sampled: int,
+                           flip: torch.Tensor | None, dtype: torch.dtype) -> list[torch.Tensor]:
+    """Mixed frame sizes: the native op runs once per sample and writes into that sample's row of the batch outputs,
+    so each output byte is written once (no per-size group stacked, preprocessed apart, then copied into place)."""
+    specs = [encoder_input_spec(e, frames_sampled, dtype) for e in encoders]
+    outs = [torch.empty((len(samples), e.frames, 3, e.image_size, e.image_size), dtype=dtype) for e in encoders]
+    for i, frames in enumerate(samples):
+        sample_flip = None if flip is None else flip[i:i + 1].cpu()
+        _op.preprocess_native_out(frames.unsqueeze(0).contiguous(), specs, sample_flip, [o[i:i + 1] for o in outs])
     return outs

@@ -122,11 +122,11 @@ def backends(encoders: Sequence[EncoderConfig], batch_size: int, clips: Sequence
     missing: dict[str, str] = {}
 
     def cpu_native(decoder):
-        def run(paths, indices, flips):
-            outs = []
-            for frames, f in zip(_stack_decoded(paths, indices, decoder), flips):
-                outs.append(_preprocess(frames[None], encoders, torch.tensor([f])))
-            return [torch.cat(parts) for parts in zip(*outs)]
+        def run(paths, indices, flips):  # the trainer's batch preprocessing (mixed sizes written in place)
+            from merv_fast.data.preprocess import preprocess_batch
+
+            return preprocess_batch(_stack_decoded(paths, indices, decoder), encoders, FRAMES_SAMPLED,
+                                    torch.tensor(flips))
         return run
 
     fns["cpu-decode(pyav)+native"] = cpu_native("pyav")

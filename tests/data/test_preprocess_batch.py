@@ -40,12 +40,26 @@ def test_list_of_mixed_sizes_equals_per_sample_in_order(calls):
     samples = [frames_of(hw, T, seed=i) for i, hw in enumerate(SIZES)]
     flip = torch.tensor([True, False, False, True, True])
     outs = preprocess_batch(samples, ENCODERS, T, flip)
-    assert len(calls) == 3 and sorted(c[0] for c in calls) == [1, 2, 2]  # one fused call per distinct size
+    if P._op.native_reason() is None:  # the native op writes each sample into its batch row: no grouped call
+        assert calls == []
+    else:  # one fused call per distinct size, scattered into batch order
+        assert len(calls) == 3 and sorted(c[0] for c in calls) == [1, 2, 2]
     for enc, out in zip(ENCODERS, outs):
         assert out.shape == (len(SIZES), enc.frames, 3, 224, 224) and out.dtype == torch.float32
     for i, s in enumerate(samples):  # sample i's inputs at row i, exactly as preprocessing it alone
         for out, ref in zip(outs, per_sample(s, bool(flip[i]))):
             assert torch.equal(out[i], ref[0]), i
+
+
+def test_mixed_sizes_take_the_grouped_path_without_the_native_op(calls, monkeypatch):
+    monkeypatch.setattr(P._op, "native_reason", lambda: "native library disabled for this test")
+    samples = [frames_of(hw, T, seed=i) for i, hw in enumerate(SIZES)]
+    flip = torch.tensor([False, True, True, False, True])
+    outs = preprocess_batch(samples, ENCODERS, T, flip, dtype=torch.bfloat16)
+    assert len(calls) == 3 and sorted(c[0] for c in calls) == [1, 2, 2]
+    for i, s in enumerate(samples):
+        refs = preprocess_all(s.unsqueeze(0), ENCODERS, T, flip[i:i + 1], dtype=torch.bfloat16)
+        assert all(o.dtype == torch.bfloat16 and torch.equal(o[i], r[0]) for o, r in zip(outs, refs)), i
 
 
 def test_stacked_tensor_is_one_call_and_equals_preprocess_all(calls):
