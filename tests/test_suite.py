@@ -2,6 +2,7 @@
 failed area, and the hard budget that kills a hung one."""
 
 import json
+import sys
 import time
 
 import pytest
@@ -49,6 +50,8 @@ def sleepy(results, ceilings):
 register_area("tiny", tiny, budget_s=60)
 register_area("flaky", flaky, budget_s=60)
 register_area("sleepy", sleepy, budget_s=3)
+register_area("slow", sleepy, budget_s=60)
+register_area("after-slow", tiny, budget_s=60)
 '''
 
 
@@ -61,7 +64,9 @@ def test_areas(tmp_path, monkeypatch):
     # Import every area module first: restoring a snapshot taken before would unregister areas that modules imported
     # during this test added, and a cached module never registers them again.
     registered = suite.registered_areas()
+    sys.modules.pop("suite_test_areas", None)  # each test imports its own copy (and so registers its areas)
     yield tmp_path
+    sys.modules.pop("suite_test_areas", None)
     suite._areas[:] = registered
 
 
@@ -91,7 +96,7 @@ def test_suite_runs_resumes_retries_and_kills(test_areas, capsys):
     assert state["flaky"]["status"] == "failed" and "flaky fails the first time" in state["flaky"]["output_tail"]
     assert state["sleepy"]["status"] == "timeout"
     printed = capsys.readouterr().out
-    assert "tiny" in printed and "killed at its 3 s budget" in printed
+    assert "tiny" in printed and "killed at 3 s (its budget: 3 s)" in printed
 
     # Second run, through the CLI entry: finished areas are skipped, the failed and timed-out ones run again.
     code = suite.main(["--allow-cpu", "--out", str(out), "--only", *only, "--module", "suite_test_areas"])
@@ -126,3 +131,16 @@ def test_refuses_cpu_without_allow_cpu(tmp_path, capsys):
     assert suite.main(["--out", str(tmp_path)]) == 2
     assert "--allow-cpu" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+def test_time_limit_kills_the_running_area_and_leaves_the_rest_for_later(test_areas, monkeypatch, capsys):
+    monkeypatch.setattr(suite, "MIN_AREA_S", 1.0)
+    out = test_areas / "results"
+    start = time.perf_counter()
+    statuses = suite.run_suite(out, only=["slow", "after-slow"], allow_cpu=True, modules=["suite_test_areas"],
+                               time_limit_s=6)
+    assert time.perf_counter() - start < 30  # slow's 120 s sleep (60 s budget) was cut by the run's 6 s limit
+    assert statuses == {"ceilings": "done", "slow": "timeout", "after-slow": "not-run"}, statuses
+    assert "not run: the run's --time-limit-s 6 is spent" in capsys.readouterr().out
+    state = json.loads(next(out.glob("*.state.json")).read_text())["areas"]
+    assert state["slow"]["status"] == "timeout" and "after-slow" not in state  # resumable: both run next time

@@ -34,11 +34,14 @@ import torch
 from merv_fast.measure.results import ResultsFile, _write_atomically, device_slug, results_path
 
 MAX_BUDGET_S = 300
+MIN_AREA_S = 20  # under --time-limit-s, an area is not started with less than this left
 # Modules imported before the suite runs, each registering its areas on import, e.g. "merv_fast.measure.bench_visual".
+# Their order is the run's: the focused measurements first, then the commands and the bench/ suites (command_areas),
+# which repeat parts of them, so that a run cut short by --time-limit-s has measured what matters most.
 AREA_MODULES: list[str] = ["merv_fast.measure.gpu_areas", "merv_fast.measure.encoder_areas",
-                           "merv_fast.measure.data_areas",
-                           "merv_fast.measure.command_areas", "merv_fast.measure.llama_kernel_areas",
-                           "merv_fast.measure.eval_areas", "merv_fast.measure.llm_areas"]
+                           "merv_fast.measure.data_areas", "merv_fast.measure.llm_areas",
+                           "merv_fast.measure.eval_areas", "merv_fast.measure.llama_kernel_areas",
+                           "merv_fast.measure.command_areas"]
 SOURCE_ROOT = Path(__file__).resolve().parents[2]  # the repo root in a source checkout (editable install)
 
 
@@ -138,7 +141,7 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def _run_in_subprocess(area: Area, results: Path, modules: list[str]) -> tuple[str, float, str]:
+def _run_in_subprocess(area: Area, results: Path, modules: list[str], timeout_s: float) -> tuple[str, float, str]:
     """(status: done | failed | timeout, seconds, the end of its output)."""
     command = [sys.executable, "-m", "merv_fast.measure.suite", "--area", area.name, "--results", str(results)]
     command += [f"--module={m}" for m in modules]
@@ -147,7 +150,7 @@ def _run_in_subprocess(area: Area, results: Path, modules: list[str]) -> tuple[s
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True, env=_child_env())
     try:
-        output, _ = proc.communicate(timeout=area.budget_s)
+        output, _ = proc.communicate(timeout=timeout_s)
         status = "done" if proc.returncode == 0 else "failed"
     except subprocess.TimeoutExpired:
         # SIGKILL, not a polite SIGTERM: rows are on disk as soon as they are measured, so nothing is lost, and a
@@ -181,8 +184,12 @@ def _results_file_for_run(out_dir: Path, resume: bool) -> Path:
 
 
 def run_suite(out_dir: str | Path = "bench/results", resume: bool = True, only: list[str] | None = None, *,
-              allow_cpu: bool = False, modules: list[str] | None = None, command: str | None = None) -> dict[str, str]:
-    """Run the registered areas in order, each in its own subprocess under its budget. Returns {area: status}."""
+              allow_cpu: bool = False, modules: list[str] | None = None, command: str | None = None,
+              time_limit_s: float | None = None) -> dict[str, str]:
+    """Run the registered areas in order, each in its own subprocess under its budget. Returns {area: status}.
+
+    `time_limit_s` bounds the whole run (a lent GPU's minutes): an area gets at most what is left, one killed by the
+    limit counts as timed out, and the areas after it are left "not-run"; a later run resumes with both."""
     if not torch.cuda.is_available() and not allow_cpu:
         raise SuiteError("no CUDA device here: the GPU suite measures a GPU. Pass --allow-cpu to run it on the "
                          f"CPU anyway (results are labelled {device_slug('cpu')})")
@@ -199,20 +206,31 @@ def run_suite(out_dir: str | Path = "bench/results", resume: bool = True, only: 
     print(f"[gpu-suite] {results.data['device']} -> {path}", flush=True)
 
     statuses = {}
+    started = time.perf_counter()
     for area in selected:
         earlier = state["areas"].get(area.name, {})
         if earlier.get("status") == "done":
             statuses[area.name] = "done"
             print(f"[gpu-suite] {area.name:<16} skipped (done in an earlier run)", flush=True)
             continue
-        status, seconds, tail = _run_in_subprocess(area, path, modules)
+        timeout_s = area.budget_s
+        if time_limit_s is not None:
+            left = time_limit_s - (time.perf_counter() - started)
+            if left < MIN_AREA_S:
+                statuses[area.name] = "not-run"
+                print(f"[gpu-suite] {area.name:<16} not run: the run's --time-limit-s {time_limit_s:g} is spent",
+                      flush=True)
+                continue
+            timeout_s = min(timeout_s, left)
+        status, seconds, tail = _run_in_subprocess(area, path, modules, timeout_s)
         statuses[area.name] = status
         state["areas"][area.name] = {"status": status, "seconds": round(seconds, 1), "budget_s": area.budget_s,
                                      "attempts": earlier.get("attempts", 0) + 1, "finished": time.strftime("%FT%T"),
                                      "output_tail": tail if status != "done" else ""}
         _write_atomically(state_path(path), json.dumps(state, indent=2) + "\n")
         last_line = tail.splitlines()[-1] if tail else ""
-        detail = {"done": "", "failed": f": {last_line}", "timeout": f": killed at its {area.budget_s:g} s budget"}
+        detail = {"done": "", "failed": f": {last_line}", "timeout": f": killed at {timeout_s:g} s (its budget: "
+                  f"{area.budget_s:g} s)"}
         print(f"[gpu-suite] {area.name:<16} {status:<8} {seconds:6.1f} s{detail[status]}", flush=True)
     return statuses
 
@@ -235,6 +253,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", metavar="AREA", help="run only these areas (plus the ceilings)")
     parser.add_argument("--allow-cpu", action="store_true", help="run on a machine without CUDA")
     parser.add_argument("--module", action="append", default=[], help="import this module to register more areas")
+    parser.add_argument("--time-limit-s", type=float, default=None,
+                        help="stop starting areas when this many seconds have passed (a later run resumes)")
     parser.add_argument("--area", help=argparse.SUPPRESS)  # subprocess side
     parser.add_argument("--results", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -243,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
             return _run_one_area(args.area, args.results, args.module)
         command = shlex.join(["merv-fast", "gpu-suite", *(sys.argv[1:] if argv is None else argv)])
         statuses = run_suite(args.out, resume=not args.no_resume, only=args.only, allow_cpu=args.allow_cpu,
-                             modules=args.module, command=command)
+                             modules=args.module, command=command, time_limit_s=args.time_limit_s)
     except SuiteError as err:
         print(f"merv-fast gpu-suite: {err}", file=sys.stderr)
         return 2
