@@ -4,7 +4,8 @@ fp32 logits) against padded + fused, packed + plain and packed + fused, under ev
 
 Each row: CUDA-event median of the step, real tokens per second (visual + attended text, never padding), the peak
 memory of one step, the speedup and the peak memory relative to the padded baseline under sdpa. Packed rows take
-the default budget (a whole micro-batch per row), 4096 tokens under sdpa (whose packed mask is dense; packing.py).
+the default budget (a whole micro-batch per row); under sdpa they run as the trainer runs them, one SDPA call per
+sample (`sdpa_packed`), never on a dense block-diagonal mask.
 Shapes: merv-1b's LLM and merv-7b's with SEVEN_B_LAYERS of its 32 layers (what fits the area's 300 s budget and an
 80 GB GPU; the row's config says so), fp32 master weights under bf16 autocast as the trainer runs them. The
 micro-batches as the length-grouped sampler builds them: 1024 visual tokens + text drawn uniformly from 50-600
@@ -23,15 +24,14 @@ from merv_fast.config import apply_overrides, get_preset
 from merv_fast.measure.results import ResultsFile, row
 from merv_fast.measure.suite import register_area
 from merv_fast.measure.timing import measure, peak_memory
-from merv_fast.model.attention import availability, install, resolve_attention
+from merv_fast.model.attention import availability, backend_of, install, install_for_packing, resolve_attention
 from merv_fast.model.llm import IGNORE_INDEX, build_llm, llm_forward, splice_visual_tokens
-from merv_fast.train.packing import DEFAULT_PACK_BUDGET, SDPA_PACK_BUDGET, pack
+from merv_fast.train.packing import DEFAULT_PACK_BUDGET, pack
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FULL = DEVICE.type == "cuda"
 BATCH = 8
 TEXT_TOKENS = (50, 600) if FULL else (5, 60)  # stage-2 text lengths; scaled down with the tiny LLM's 256 visual
-PACK_BUDGETS = {"sdpa": SDPA_PACK_BUDGET} if FULL else {}  # packing.py's advice; the others get the default
 PACK_BUDGET = DEFAULT_PACK_BUDGET if FULL else 1024  # tiny: about 3.5 tiny samples (256 visual + 5-60 text)
 SEVEN_B_LAYERS = 16
 MODES = ("padded+plain", "padded+fused", "packed+plain", "packed+fused")  # padded+fused: the loss on its own
@@ -76,6 +76,10 @@ def real_tokens(micro_batch) -> int:
 def llm_step(llm, cfg, mode: str, pack_budget: int = PACK_BUDGET):
     """One training step of `llm` on a micro-batch, in `mode` (one of MODES); gradients dropped after backward."""
     packed, loss = mode.split("+")[0] == "packed", mode.split("+")[1]
+    if packed:
+        install_for_packing(llm)  # as the trainer does: sdpa runs once per sample, never on a dense mask
+    elif backend_of(llm) == "sdpa_packed":
+        install(llm, "sdpa")
     prefix = 1 if cfg.llm.has_bos else 0
     autocast = torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=FULL)
 
@@ -124,9 +128,8 @@ def llm_area(results: ResultsFile, ceilings: dict) -> None:
         for preset, (cfg, llm, batches) in models.items():
             install(llm, backend)
             tokens = sum(real_tokens(b) for b in batches) / len(batches)
-            budget = PACK_BUDGETS.get(backend, PACK_BUDGET)
             for mode in MODES:
-                step = llm_step(llm, cfg, mode, budget)
+                step = llm_step(llm, cfg, mode)
                 timing = measure(step, rotate=batches, warmup=warmup, iters=iters)
                 timing = dataclasses.replace(timing, peak_mem_bytes=peak_memory(step, *batches[0]))
                 if backend == "sdpa" and mode == BASELINE:
@@ -135,7 +138,7 @@ def llm_area(results: ResultsFile, ceilings: dict) -> None:
                 layers = cfg.llm.num_layers
                 config = {"preset": preset, "mode": mode, "attention": backend, "auto_attention": auto,
                           "auto_why": auto_why, "batch": BATCH, "text_tokens": list(TEXT_TOKENS),
-                          "visual_tokens": cfg.visual.num_tokens, "pack_budget": budget,
+                          "visual_tokens": cfg.visual.num_tokens, "pack_budget": PACK_BUDGET,
                           "llm_layers": layers if preset != "merv-7b" else
                           f"{layers} of 32 (what fits the area's 300 s budget and memory)",
                           "dtype": "fp32 weights, bf16 autocast" if FULL else "fp32",

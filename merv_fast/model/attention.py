@@ -212,12 +212,33 @@ def resolve_attention(requested: str, device: torch.device | str,
 # ----------------------------------------------------------------------------------------------- the kernels
 # Each takes transformers' layout (query [B, H, S, D], key/value [B, Hkv, S, D]) and returns [B, S, H, D].
 def sdpa_documents(query, key, value, documents: Documents, scaling: float | None, dropout: float = 0.0):
-    """The torch reference for every backend: SDPA with the dense block-diagonal causal mask."""
+    """The torch reference for every backend: SDPA with the dense block-diagonal causal mask (rows x length^2: what
+    transformers' sdpa gets for packed rows when `sdpa_packed` is not installed)."""
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
     out = F.scaled_dot_product_attention(query, key, value, attn_mask=documents.dense_mask(), dropout_p=dropout,
                                          scale=scaling)
     return out.transpose(1, 2)
+
+
+def sdpa_segments(query, key, value, documents: Documents, scaling: float | None, dropout: float = 0.0):
+    """SDPA once per segment (each packed sample, each padding tail), causal within it: the block-diagonal causal
+    attention with no mask in memory, so PyTorch may pick its flash or cuDNN kernel and packed rows cost what their
+    samples cost. Exact: a segment's positions see exactly their own segment's earlier positions."""
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:
+        key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
+    rows = []
+    for r, segments in enumerate(documents.segments):
+        parts, start = [], 0
+        for n in segments:
+            end = start + n
+            parts.append(F.scaled_dot_product_attention(query[r:r + 1, :, start:end], key[r:r + 1, :, start:end],
+                                                        value[r:r + 1, :, start:end], dropout_p=dropout,
+                                                        is_causal=True, scale=scaling))
+            start = end
+        rows.append(torch.cat(parts, dim=2) if len(parts) > 1 else parts[0])
+    return torch.cat(rows).transpose(1, 2)
 
 
 @functools.lru_cache(maxsize=1)
@@ -273,8 +294,10 @@ def _xformers_bias(documents: Documents, fmha):
         [n for row in documents.segments for n in row]))
 
 
-KERNELS = {"sdpa": sdpa_documents, "flex": flex_documents, "flash_attn": flash_attn_documents,
-           "xformers": xformers_documents}
+# `sdpa_packed` is sdpa for packed training (TrainModule installs it in place of sdpa when packing is on): the
+# same function, one SDPA call per sample instead of transformers' sdpa on a dense block-diagonal mask.
+KERNELS = {"sdpa": sdpa_documents, "sdpa_packed": sdpa_segments, "flex": flex_documents,
+           "flash_attn": flash_attn_documents, "xformers": xformers_documents}
 
 
 # ----------------------------------------------------------------------------------------------- transformers glue
@@ -329,6 +352,14 @@ def backend_of(llm) -> str | None:
     if name and name.startswith("merv_") and name[5:] in KERNELS:
         return name[5:]
     return None
+
+
+def install_for_packing(llm) -> str | None:
+    """Packed training: an `llm` on sdpa switches to `sdpa_packed` (the other backends take packed rows as they
+    are). Returns the backend it attends with now."""
+    if backend_of(llm) == "sdpa":
+        install(llm, "sdpa_packed")
+    return backend_of(llm)
 
 
 def install(llm, backend: str) -> None:

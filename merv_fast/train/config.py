@@ -50,7 +50,7 @@ class TrainConfig:
     cpu_offload: bool = False  # FSDP2 CPUOffloadPolicy: sharded parameters, gradients and optimizer state on the host
     apex_adam: bool = False  # NVIDIA apex's FusedAdam where the real apex imports; else torch's fused AdamW
     packing: bool = False  # pack each micro-batch's samples into rows of pack_budget tokens (train/packing.py)
-    pack_budget: int = 16384  # tokens per packed row: a whole stage-2 micro-batch of 8; ~4096 with sdpa (packing.py)
+    pack_budget: int = 16384  # tokens per packed row: a whole stage-2 micro-batch of 8 (packing.py)
     seed: int = 0
     save_every: int = 0  # 0: only the final checkpoint
     keep_last: int = 2

@@ -11,8 +11,8 @@ attends only to itself and is never supervised.
 
 A sample longer than the budget gets a row of its own (samples are never split). The default budget, 16384 tokens,
 takes a whole stage-2 micro-batch of 8 (1024 visual + 50-600 text tokens each, about 11k tokens) into one row, so
-no row is padded: right for flash_attn, xformers and flex, which attend per sample whatever the row's length. sdpa's
-packed mask is dense, its attention costs the whole row's length squared: use about 4096 (three samples) with it.
+no row is padded: every backend attends per sample whatever the row's length (flash_attn and xformers by their
+varlen layouts, flex by its block mask, sdpa as `sdpa_packed`, one call per sample: TrainModule installs it).
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from merv_fast.model.attention import Documents, sample_lengths
 from merv_fast.model.llm import IGNORE_INDEX
 
 DEFAULT_PACK_BUDGET = 16384
-SDPA_PACK_BUDGET = 4096  # the budget to use with sdpa (see above)
 
 
 def first_fit_decreasing(lengths: list[int], budget: int) -> list[list[int]]:

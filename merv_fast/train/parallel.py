@@ -30,6 +30,7 @@ except ImportError:  # older spelling
     from torch.distributed._composable.fsdp import (CPUOffloadPolicy, FSDPModule,  # type: ignore[no-redef]
                                                     MixedPrecisionPolicy, fully_shard)
 
+from merv_fast.model.attention import install_for_packing
 from merv_fast.model.llm import IGNORE_INDEX, llm_forward
 from merv_fast.train.packing import pack
 
@@ -143,6 +144,7 @@ class TrainModule(nn.Module):
         """The LLM forward on the micro-batch as given, or on its samples packed into rows of `pack_budget`."""
         if not self.pack_budget:
             return self.merv.language_model_forward(input_ids, attention_mask, labels, visual, **kwargs)
+        install_for_packing(self.llm)  # sdpa: one call per packed sample, never a dense block-diagonal mask
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         embeds, attention_mask, labels = self.merv.spliced_inputs(input_ids, attention_mask, labels, visual)

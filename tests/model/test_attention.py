@@ -74,6 +74,43 @@ def test_sdpa_reference_is_attention_within_each_segment():
             start += n
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_sdpa_per_segment_equals_the_dense_mask_forward_and_backward(dtype, tol):
+    """`sdpa_packed`'s kernel (one SDPA call per segment, no mask) against the dense block-diagonal reference, with
+    grouped KV heads, a 1-token segment and a padding tail; every input's gradient too."""
+    docs = Documents([[5, 1, 7], [9, 4]], torch.device("cpu"))
+    leaves = [[t.to(dtype).requires_grad_() for t in _qkv(5)] for _ in range(2)]
+    outs = [kernel(*qkv, docs, 0.3) for kernel, qkv in zip((attention.sdpa_segments, attention.sdpa_documents),
+                                                           leaves)]
+    assert outs[0].shape == (2, 13, 4, 8)
+    torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=tol, atol=tol)
+    grad = torch.randn(outs[0].shape, generator=torch.Generator().manual_seed(6)).to(dtype)
+    for out in outs:
+        out.backward(grad)
+    for mine, ref in zip(*leaves):
+        torch.testing.assert_close(mine.grad.float(), ref.grad.float(), rtol=tol, atol=tol)
+
+
+def test_packed_training_swaps_sdpa_for_the_per_sample_calls():
+    """install_for_packing: sdpa becomes `sdpa_packed` (registered with transformers), whose packed rows equal
+    transformers' sdpa on the dense mask, and whose plain calls (no documents: generation) are transformers' sdpa."""
+    sdpa, packed = _tiny_llm("sdpa"), _tiny_llm("sdpa")
+    assert attention.install_for_packing(packed) == "sdpa_packed"
+    assert packed.config._attn_implementation == "merv_sdpa_packed" and backend_of(sdpa) == "sdpa"
+    assert attention.install_for_packing(_tiny_llm("flex")) == "flex"  # the other backends take packed rows as is
+    cfg = get_preset("tiny").llm
+    embeds = torch.randn(2, 20, cfg.hidden_size, generator=torch.Generator().manual_seed(7))
+    docs = Documents([[7, 13], [12, 8]], torch.device("cpu"))
+    positions = torch.tensor([list(range(7)) + list(range(13)), list(range(12)) + list(range(8))])
+    with torch.no_grad():
+        outs = [llm_forward(llm, embeds, None, None, docs, positions).logits for llm in (sdpa, packed)]
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+        mask = torch.ones(2, 20, dtype=torch.long)
+        mask[1, 15:] = 0
+        plain = [llm(inputs_embeds=embeds, attention_mask=mask).logits for llm in (sdpa, packed)]
+        torch.testing.assert_close(plain[1], plain[0])
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_flex_forward_matches_sdpa_on_cpu():
     """PyTorch runs FlexAttention's forward (not its backward) on CPU: check the document mask there."""
