@@ -136,6 +136,8 @@ class CMakeBuild(build_ext):
         print(f"merv_fast: building the native library {NATIVE_NAME} failed, continuing without it; "
               f"the end of its log:\n{tail}", flush=True)
         self.record(built=False, reason="not built: the CMake build failed at install time (pip install -v shows why)")
+        # Nothing to copy or list as an output: an editable or in-place install would otherwise fail looking for it.
+        self.extensions = [e for e in self.extensions if e is not ext]
 
 
 def packages() -> list[str]:
