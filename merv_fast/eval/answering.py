@@ -33,20 +33,14 @@ def bias_toward_letters(model, tokenizer, letters: int = 3, then_eos: bool = Tru
 
 
 @torch.no_grad()
-def answer_states(model, tokenizer, items, visual: dict) -> torch.Tensor:
-    """[N, D]: the LLM's final hidden states (the LM head's input) at the answer position of each question."""
-    from merv_fast.eval import decide, inputs
-    from merv_fast.eval.prompts import prompt_for
-    from merv_fast.eval.runner import clip_key
-
+def answer_states(answerer, items, visual: dict) -> torch.Tensor:
+    """[N, D]: the LLM's final hidden states (the LM head's input) at the answer position of each question, from
+    one letter-scoring pass of `answerer` (a `merv_fast.eval.runner.Answerer` in letters mode) over `items`."""
     seen = []
-    hook = model.llm.get_output_embeddings().register_forward_hook(lambda mod, args, out: seen.append(args[0]))
+    head = answerer.model.llm.get_output_embeddings()
+    hook = head.register_forward_hook(lambda module, args, out: seen.append(args[0]))
     try:
-        ids = inputs.tokenize_prompts(tokenizer, [prompt_for(i, model.config.llm.prompt_format) for i in items],
-                                      model.config.llm.max_text_tokens, has_bos=model.config.llm.has_bos)
-        tokens = torch.stack([visual[clip_key(i)] for i in items])
-        decide.letter_decisions(model, *inputs.left_padded_inputs(model, ids, tokens, tokenizer.pad_token_id),
-                                decide.letter_token_ids(tokenizer), [len(i.options) for i in items])
+        answerer.predict(items, visual)
     finally:
         hook.remove()
     return seen[-1][:, -1].float()

@@ -170,7 +170,8 @@ def llm_forward(llm, embeds: torch.Tensor, attention_mask: torch.Tensor | None, 
 
     `documents` describes packed rows (merv_fast/train/packing.py; `attention_mask` is then None): transformers'
     sdpa gets their dense block-diagonal causal mask (a 4-D mask passes through as is), the other backends
-    (`sdpa_packed` among them, which packed training installs in place of sdpa) the layout itself. Unpacked training batches reach the non-sdpa backends as one document per row plus its padding tail.
+    (`sdpa_packed` among them, which packed training installs in place of sdpa) the layout itself. Unpacked
+    training batches reach the non-sdpa backends as one document per row plus its padding tail.
     `loss`: "plain" is transformers' loss on full logits; "fused" (the trainer passes `llm.loss`) is
     kernels/fused_linear_ce.py's, and returns no logits. `num_items_in_batch` given: the SUM of per-token losses
     divided by it (transformers' convention), else the mean over the supervised tokens.

@@ -23,8 +23,8 @@ def answering(eval_sets):
     from merv_fast.measure.eval_areas import answering_model, scorers
 
     model, tokenizer = answering_model("tiny", torch.device("cpu"))
-    items, visual, _, _ = scorers(model, tokenizer, "mc", [eval_sets["mcq"], eval_sets["NExT-QA-synth"]], 7)
-    center_letters(model, tokenizer, answer_states(model, tokenizer, items, visual))
+    items, visual, letters, _ = scorers(model, tokenizer, "mc", [eval_sets["mcq"], eval_sets["NExT-QA-synth"]], 7)
+    center_letters(model, tokenizer, answer_states(letters, items, visual))
     return model, tokenizer
 
 

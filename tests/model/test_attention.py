@@ -98,17 +98,7 @@ def test_packed_training_swaps_sdpa_for_the_per_sample_calls():
     assert attention.install_for_packing(packed) == "sdpa_packed"
     assert packed.config._attn_implementation == "merv_sdpa_packed" and backend_of(sdpa) == "sdpa"
     assert attention.install_for_packing(_tiny_llm("flex")) == "flex"  # the other backends take packed rows as is
-    cfg = get_preset("tiny").llm
-    embeds = torch.randn(2, 20, cfg.hidden_size, generator=torch.Generator().manual_seed(7))
-    docs = Documents([[7, 13], [12, 8]], torch.device("cpu"))
-    positions = torch.tensor([list(range(7)) + list(range(13)), list(range(12)) + list(range(8))])
-    with torch.no_grad():
-        outs = [llm_forward(llm, embeds, None, None, docs, positions).logits for llm in (sdpa, packed)]
-        torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
-        mask = torch.ones(2, 20, dtype=torch.long)
-        mask[1, 15:] = 0
-        plain = [llm(inputs_embeds=embeds, attention_mask=mask).logits for llm in (sdpa, packed)]
-        torch.testing.assert_close(plain[1], plain[0])
+    assert_same_as_sdpa(sdpa, packed, seed=7)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
@@ -128,24 +118,29 @@ def _tiny_llm(backend):
     return llm.eval()
 
 
+def assert_same_as_sdpa(sdpa, other, seed):
+    """`other`'s logits equal transformers' sdpa's: on packed rows (documents; sdpa on the dense mask) and on a
+    plain call with a padding mask (no documents: `other` falls back to transformers' sdpa)."""
+    cfg = get_preset("tiny").llm
+    embeds = torch.randn(2, 20, cfg.hidden_size, generator=torch.Generator().manual_seed(seed))
+    docs = Documents([[7, 13], [12, 8]], torch.device("cpu"))
+    positions = torch.tensor([list(range(7)) + list(range(13)), list(range(12)) + list(range(8))])
+    with torch.no_grad():
+        outs = [llm_forward(llm, embeds, None, None, docs, positions).logits for llm in (sdpa, other)]
+        torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
+        mask = torch.ones(2, 20, dtype=torch.long)
+        mask[1, 15:] = 0
+        plain = [llm(inputs_embeds=embeds, attention_mask=mask).logits for llm in (sdpa, other)]
+        torch.testing.assert_close(plain[1], plain[0])
+
+
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 def test_registered_backend_through_transformers():
     """flex installed as `merv_flex` through AttentionInterface: packed rows (documents) equal sdpa's dense mask, and
     without documents (a plain call with a padding mask) it is transformers' sdpa."""
     sdpa, flex = _tiny_llm("sdpa"), _tiny_llm("flex")
     assert backend_of(flex) == "flex" and flex.config._attn_implementation == "merv_flex"
-    cfg = get_preset("tiny").llm
-    g = torch.Generator().manual_seed(3)
-    embeds = torch.randn(2, 20, cfg.hidden_size, generator=g)
-    docs = Documents([[7, 13], [12, 8]], torch.device("cpu"))
-    positions = torch.tensor([list(range(7)) + list(range(13)), list(range(12)) + list(range(8))])
-    with torch.no_grad():
-        outs = [llm_forward(llm, embeds, None, None, docs, positions).logits for llm in (sdpa, flex)]
-        torch.testing.assert_close(outs[1], outs[0], rtol=1e-4, atol=1e-5)
-        mask = torch.ones(2, 20, dtype=torch.long)
-        mask[1, 15:] = 0
-        plain = [llm(inputs_embeds=embeds, attention_mask=mask).logits for llm in (sdpa, flex)]
-        torch.testing.assert_close(plain[1], plain[0])
+    assert_same_as_sdpa(sdpa, flex, seed=3)
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
