@@ -158,6 +158,6 @@ setup(
     entry_points={"console_scripts": ["merv-fast = merv_fast.cli:main"]},
     install_requires=["torch>=2.11", "transformers>=4.46", "safetensors", "pyyaml", "numpy", "pillow"],
     # decord: the release's decoder, only for the release-style baseline loader the benchmarks compare against
-    extras_require={"test": ["pytest", "pytest-benchmark", "triton", "decord"], "video": ["av"],
+    extras_require={"test": ["pytest", "pytest-benchmark", "triton", "decord", "kernels"], "video": ["av"],
                     "plots": ["matplotlib"]},
 )

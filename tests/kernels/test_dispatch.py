@@ -111,23 +111,3 @@ def test_auto_on_cuda_is_triton_when_it_imports():
     if not dispatch.triton_available()[0]:
         pytest.skip(dispatch.triton_available()[1])
     assert resolve_backend(torch.zeros(2, device="cuda")) == "triton"
-
-
-def test_top_level_kernels_name_carries_no_dispatch_state():
-    """From a checkout, kernels/ is also visible as a top-level `kernels`; under that name it must define nothing,
-    or there would be two backend settings that drift apart."""
-    import importlib
-    import sys
-
-    import merv_fast.kernels
-
-    assert merv_fast.kernels.resolve_backend is resolve_backend
-    had_it = "kernels" in sys.modules
-    try:
-        top_level = importlib.import_module("kernels")
-    except ImportError:
-        return  # installed without the checkout on sys.path: nothing to see
-    finally:
-        if not had_it:
-            sys.modules.pop("kernels", None)
-    assert not hasattr(top_level, "resolve_backend")
