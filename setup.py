@@ -156,7 +156,7 @@ setup(
     ext_modules=[CMakeExtension(NATIVE_NAME)],
     cmdclass={"build_ext": CMakeBuild},
     entry_points={"console_scripts": ["merv-fast = merv_fast.cli:main"]},
-    install_requires=["torch>=2.11", "transformers>=4.46", "safetensors", "pyyaml", "numpy", "pillow"],
+    install_requires=["torch>=2.11", "transformers>=4.46", "safetensors", "pyyaml", "numpy", "pillow", "matplotlib"],
     # decord: the release's decoder, only for the release-style baseline loader the benchmarks compare against
     extras_require={"test": ["pytest", "pytest-benchmark", "triton", "decord", "kernels"], "video": ["av"],
                     "plots": ["matplotlib"]},

@@ -57,6 +57,8 @@ def cmd_results_table(args) -> int:
     from merv_fast.measure.report import readme_table, update_readme
 
     table = readme_table(args.results_dir)
+    if args.check and args.write is None:
+        args.write = "README.md"  # --check alone checks the README in the working directory
     if args.write is None:
         print(table, end="")
         return 0
@@ -130,7 +132,7 @@ def cmd_train(args) -> int:
                             total_steps=args.total_steps, resume=True if args.resume else None,
                             init_from=args.init_from, device=args.device, save_every=args.save_every)
     summary = train(cfg, model_cfg)
-    if summary.get("final_loss") is not None:
+    if summary.get("final_loss") is not None and summary.get("rank", 0) == 0:  # under torchrun: said once
         print(f"trained {summary['steps']} steps (of {summary['total_steps']}); "
               f"final loss {summary['final_loss']:.4f}; bad samples {summary['bad_samples']['failures']}; "
               f"metrics in {cfg.out}/metrics.jsonl")
@@ -145,8 +147,17 @@ def cmd_cache_features(args) -> int:
     index = cache_dataset(args.data, args.media_root, args.out, model_cfg, seed=args.seed, device=args.device,
                           storage_dtype=args.dtype, shard_size=args.shard_size, batch_size=args.batch_size,
                           decoder=args.decoder)
+    failed = index["failed"]
+    for key, reason in list(failed.items())[:5]:
+        print(f"  failed: {key}: {reason}", file=sys.stderr)
+    if len(failed) > 5:
+        print(f"  ... and {len(failed) - 5} more (all in {args.out}/index.json, key `failed`)", file=sys.stderr)
+    if not index["entries"]:
+        print(f"cache-features: nothing was cached: all {len(failed)} media items failed to load "
+              f"(is --media-root right?)", file=sys.stderr)
+        return 1
     print(f"cached {len(index['entries'])} media items in {len(index['shards'])} shard(s) under {args.out} "
-          f"({len(index['failed'])} failed to load); train from it with --set feature_cache={args.out}")
+          f"({len(failed)} failed to load); train from it with --set feature_cache={args.out}")
     return 0
 
 
@@ -195,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results-dir", default="bench/results")
     p.add_argument("--write", default=None, metavar="README.md",
                    help="rewrite the table between its markers in this file (default: print it)")
-    p.add_argument("--check", action="store_true", help="with --write: change nothing, exit 1 if the table is stale")
+    p.add_argument("--check", action="store_true", help="change nothing, exit 1 if the table in the --write file (default README.md) is stale")
     p.set_defaults(fn=cmd_results_table)
 
     p = sub.add_parser("train", help="train MERV (one process, or under torchrun: FSDP2 over the ranks)")
@@ -238,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--eval", default=None, metavar="DIR",
                    help="also/instead write evaluation sets in the release's layout (mcq, NExT-QA-synth, openended)")
     p.add_argument("--eval-videos", type=int, default=6, help="videos per evaluation set")
-    p.add_argument("--videos", type=int, default=10)
+    p.add_argument("--videos", type=int, default=11)
     p.add_argument("--images", type=int, default=6)
     p.add_argument("--texts", type=int, default=2, help="text-only entries")
     p.add_argument("--seed", type=int, default=0)

@@ -348,7 +348,13 @@ def read_yaml_mapping(config_file: str | Path) -> dict[str, Any]:
     path = Path(config_file)
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
-    loaded = yaml.safe_load(path.read_text()) or {}
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise ConfigError(f"config file {str(path)!r}{where}: not valid YAML: {problem}") from None
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file {str(path)!r} must hold a mapping, got {type(loaded).__name__}")
     return loaded

@@ -54,3 +54,17 @@ def test_unknown_preset_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml"):
         load_config("tiny", tmp_path / "nope.yaml")
     assert set(PRESETS) >= {"merv-7b", "single-7b", "merv-1b", "single-1b", "tiny", "single-tiny"}
+
+
+@pytest.mark.parametrize("command", [["cache-features", "--data", "unused.json", "--out", "unused"],
+                                     ["train", "--data", "unused.json", "--out", "unused", "--model-config"]])
+def test_malformed_yaml_is_one_line_naming_file_line_and_column(tmp_path, capsys, command):
+    from merv_fast.cli import main
+
+    path = tmp_path / "run.yaml"
+    path.write_text("preset: tiny\nllm:\n  num_layers: [3\n  hidden_size: 64\n")
+    argv = command + [str(path)] if command[-1] == "--model-config" else command + ["--config", str(path)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert str(path) in err and "line 4, column" in err and "not valid YAML" in err

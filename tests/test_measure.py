@@ -102,6 +102,14 @@ def test_results_table_markdown(tmp_path):
     assert table[0].startswith("| device | date | area | name |") and len(table) == 4
     date = json.loads(paths[0].read_text())["date"]
     assert f"| h100 | {date} | kernels | op on h100 |" in table[2] and "| 3.0 |" in table[2]
+    assert table[2].endswith(f"| [2026-12-01_h100_x](bench/results/2026-12-01_h100_x.md) |")
+
+
+def test_readme_table_cuts_long_cells_and_leaves_the_config_to_the_results_file(tmp_path):
+    results = ResultsFile.create(tmp_path / "2026-12-01_cpu-2core_x.json", command="c", device="cpu", versions={})
+    results.append(row("data", "n" * 200, {"every": "x" * 500}, timing(1.0), timing(3.0)))
+    line = results_table_markdown([results.path]).splitlines()[2]
+    assert "x" * 20 not in line and "n" * 71 + "…" in line and "n" * 72 not in line
 
 
 def test_device_slug_here():

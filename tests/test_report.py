@@ -19,6 +19,16 @@ def test_readme_table_is_generated_from_the_results_files():
     assert readme.count(BEGIN) == 1 and readme.count(END) == 1
     assert current_block(readme) == readme_table(ROOT / "bench" / "results")
     assert splice(readme, readme_table(ROOT / "bench" / "results")) == readme
+    longest = max(len(line) for line in current_block(readme).splitlines()[1:])
+    assert longest < 400, f"a README table line of {longest} characters"
+
+
+def test_check_alone_checks_the_readme_in_the_working_directory(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "README.md").write_text(f"{BEGIN}\nstale\n{END}\n")
+    assert main(["results-table", "--results-dir", str(ROOT / "bench" / "results"), "--check"]) == 1
+    assert "README.md: the performance table is stale" in capsys.readouterr().err
+    assert (tmp_path / "README.md").read_text() == f"{BEGIN}\nstale\n{END}\n"  # --check never writes
 
 
 def test_cli_round_trip(tmp_path, capsys):

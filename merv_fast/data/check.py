@@ -3,12 +3,14 @@
 Checks, per entry: the JSON entry itself (keys, types, roles, turn order, clip window, a media path that would leave
 the media root), then its media through the same code path training uses (`dataset.load_media`: path resolution,
 probe, the 32 sampled frame indices, decoding them; or decoding the image). Nothing here raises on bad data: every
-problem becomes a row.
+problem becomes a row. A medium that is odd but usable (every sampled frame decodes) is no problem: its warnings
+(the ones training logs) are listed too, and do not change the exit code.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -25,6 +27,7 @@ class BadEntry:
     path: str | None  # the media path as written in the JSON
     reason: str
     key: str | None = None  # the JSON key at fault, for entry problems
+    severity: str = "error"  # "error": the entry is unusable | "warning": odd but kept
 
 
 @dataclass
@@ -34,6 +37,7 @@ class CheckReport:
     total: int = 0
     kinds: dict[str, int] = field(default_factory=dict)  # valid entries per kind
     bad: list[BadEntry] = field(default_factory=list)
+    warnings: list[BadEntry] = field(default_factory=list)  # severity "warning": usable entries, odd media
 
     @property
     def ok(self) -> bool:
@@ -73,40 +77,70 @@ def check_dataset(json_path: str | Path, media_root: str | Path, timeout_s: floa
         report.bad = [b for _, b in sorted(bad, key=lambda x: x[0])]
         report.bad.append(BadEntry(None, None, str(media_root), "media root is not a directory"))
         return report
-    for entry in entries:
-        try:
-            load_media(entry, media_root, decoder=decoder, timeout_s=timeout_s, frames=frames)
-        except MediaError as err:
-            bad.append((entry.index, BadEntry(entry.index, entry.id, entry.media, str(getattr(err, "reason", err)))))
-        except Exception as err:  # noqa: BLE001 - a checker names every failure instead of stopping at one
-            bad.append((entry.index, BadEntry(entry.index, entry.id, entry.media,
-                                              f"unexpected {type(err).__name__}: {err}")))
+    warned = _WarningCollector()
+    data_log = logging.getLogger("merv_fast.data")
+    data_log.addHandler(warned)
+    try:
+        for entry in entries:
+            warned.records.clear()
+            try:
+                load_media(entry, media_root, decoder=decoder, timeout_s=timeout_s, frames=frames)
+            except MediaError as err:
+                reason = str(getattr(err, "reason", err))
+                bad.append((entry.index, BadEntry(entry.index, entry.id, entry.media, reason)))
+                continue
+            except Exception as err:  # noqa: BLE001 - a checker names every failure instead of stopping at one
+                bad.append((entry.index, BadEntry(entry.index, entry.id, entry.media,
+                                                  f"unexpected {type(err).__name__}: {err}")))
+                continue
+            report.warnings += [BadEntry(entry.index, entry.id, entry.media, message, severity="warning")
+                                for message in warned.records]
+    finally:
+        data_log.removeHandler(warned)
     report.bad = [b for _, b in sorted(bad, key=lambda x: x[0])]
     return report
 
 
+class _WarningCollector(logging.Handler):
+    """The media warnings load_media logs for one entry (records carrying `media_warning`)."""
+
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.records: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        warning = getattr(record, "media_warning", None)
+        if warning is not None:
+            self.records.append(warning)
+
+
 def format_report(report: CheckReport) -> str:
     lines = []
-    if report.bad:
+    listed = report.bad + report.warnings
+    if listed:
         rows = [("index", "id", "path", "reason")]
-        rows += [("-" if b.index is None else str(b.index), b.id or "-", b.path or "-", b.reason) for b in report.bad]
+        rows += [("-" if b.index is None else str(b.index), b.id or "-", b.path or "-",
+                  b.reason if b.severity == "error" else f"warning (kept): {b.reason}") for b in listed]
         widths = [min(max(len(r[c]) for r in rows), cap) for c, cap in enumerate((8, 24, 48))]
         for r in rows:
             lines.append("  ".join(cell.ljust(w) for cell, w in zip(r[:3], widths)) + "  " + r[3])
         lines.append("")
     kinds = ", ".join(f"{report.kinds.get(k, 0)} {k}" for k in ("video", "image", "text"))
     status = "all good" if report.ok else f"{len(report.bad)} bad"
+    if report.warnings:
+        status += f", {len(report.warnings)} with warnings (usable)"
     lines.append(f"{report.json_path}: {report.total} entries ({kinds} well-formed); {status}")
     return "\n".join(lines)
 
 
 def run_check(json_path: str, media_root: str, as_json: bool = False, timeout_s: float | None = None,
               decoder: str = "auto", out=None) -> int:
-    """The CLI's body: print the table (or a JSON list of bad entries); 0 when all good, 1 otherwise."""
+    """The CLI's body: print the table (or a JSON list of the bad entries, then the warnings, each with its
+    `severity`); 0 when no entry is bad (warnings or not), 1 otherwise."""
     out = out or sys.stdout
     report = check_dataset(json_path, media_root, timeout_s=timeout_s, decoder=decoder)
     if as_json:
-        print(json.dumps([asdict(b) for b in report.bad], indent=1), file=out)
+        print(json.dumps([asdict(b) for b in report.bad + report.warnings], indent=1), file=out)
     else:
         print(format_report(report), file=out)
     return 0 if report.ok else 1

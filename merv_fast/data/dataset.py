@@ -291,13 +291,40 @@ def load_media(entry: Entry, media_root: str | Path, decoder: str = "auto", time
     start, end = entry.clip if entry.clip is not None else (None, None)
     try:
         # One call (one round trip to the timed decode worker): probe, the spec's 32 indices, decode them.
-        video, _, _ = decode_video_sampled(path, count=frames, start_s=start, end_s=end, decoder=decoder,
-                                           timeout_s=timeout_s)
+        video, _, info = decode_video_sampled(path, count=frames, start_s=start, end_s=end, decoder=decoder,
+                                              timeout_s=timeout_s)
     except MediaError:
         raise
     except ValueError as err:  # e.g. a stream the frame sampler cannot use: this sample's problem
         raise MediaError(path, str(err)) from err
+    for warning in info.warnings:  # odd but valid: every sampled frame decoded
+        log.warning("%s: %s; kept (every sampled frame decodes)", path, warning, extra={"media_warning": warning})
     return video
+
+
+def check_media_root(entries: Sequence[Entry], media_root: str | Path, probe: int = 64) -> None:
+    """Stop before training when the media root is evidently wrong: of up to `probe` media entries spread evenly
+    over the dataset, most name files that do not exist. A few missing files are bad samples (logged, counted,
+    replaced); most of them missing is a wrong --media-root, better said once than as a flood of bad samples."""
+    from merv_fast.data.decode import MediaError, resolve_media_path
+
+    media = [e for e in entries if e.kind != "text"]
+    if not media:
+        return
+    picked = [media[i * len(media) // min(probe, len(media))] for i in range(min(probe, len(media)))]
+    missing = []
+    for entry in picked:
+        try:
+            path = resolve_media_path(media_root, entry.media)
+        except MediaError:
+            continue  # outside the root: that entry's own problem, reported per sample
+        if not path.exists():
+            missing.append((entry, path))
+    if len(missing) * 2 > len(picked):
+        entry, path = missing[0]
+        raise DatasetError(f"media root {str(media_root)!r} looks wrong: {len(missing)} of {len(picked)} media files "
+                           f"checked do not exist (e.g. {str(path)!r} for entry {entry.index}, id {entry.id!r}); "
+                           f"--media-root is the folder the dataset's media paths are relative to")
 
 
 class VideoLLaVADataset:

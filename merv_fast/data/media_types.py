@@ -27,7 +27,9 @@ class VideoInfo:
     counter-clockwise degrees the display matrix asks for), i.e. the size of the frames `decode_video` returns.
     `num_frames` counts the frames the decoder can produce (a packet scan, not the header), and frame index i in
     `decode_video` means the i-th of them in presentation order; `fps` is the average rate (num_frames / duration
-    for variable frame rate), used only to turn start/end seconds into indices."""
+    for variable frame rate), used only to turn start/end seconds into indices. `warnings`: odd but usable facts
+    worth a log line (a header that promises more frames or seconds than the file holds: see
+    pyav_backend.check_complete)."""
 
     num_frames: int
     fps: float | None
@@ -36,3 +38,4 @@ class VideoInfo:
     rotation: int
     codec: str
     duration_s: float | None
+    warnings: tuple[str, ...] = ()

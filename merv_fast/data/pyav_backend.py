@@ -90,6 +90,7 @@ class PacketIndex:
     keyframes: list[int]  # frame numbers, ascending
     duration_s: float | None
     seekable: bool  # every packet had a pts (else decoding counts frames from the start)
+    warnings: tuple[str, ...] = ()  # odd but valid (check_complete)
 
     def keyframe_before(self, frame: int) -> int:
         return self.keyframes[max(0, bisect.bisect_right(self.keyframes, frame) - 1)] if self.keyframes else 0
@@ -118,27 +119,33 @@ def scan_packets(path: Path, container, stream) -> PacketIndex:
     if seekable and tb:
         last_len = entries[-1][2] or (pts[-1] - pts[-2] if len(pts) > 1 else 0)
         duration_s = (pts[-1] + last_len - pts[0]) * tb
-    _check_complete(path, container, stream, len(entries), duration_s)
-    return PacketIndex(pts, keyframes, duration_s, seekable)
+    warnings = _check_complete(path, container, stream, len(entries), duration_s)
+    return PacketIndex(pts, keyframes, duration_s, seekable, warnings)
 
 
-def _check_complete(path: Path, container, stream, packets: int, scanned_s: float | None) -> None:
+def _check_complete(path: Path, container, stream, packets: int, scanned_s: float | None) -> tuple[str, ...]:
     header_s = None
     if stream.duration and stream.time_base:
         header_s = float(stream.duration * stream.time_base)
     elif container.duration:
         header_s = container.duration / 1e6
-    check_complete(path, stream.frames or None, packets, header_s, scanned_s)
+    return check_complete(path, stream.frames or None, packets, header_s, scanned_s)
 
 
 def check_complete(path, header_frames: int | None, frames: int, header_s: float | None,
-                   scanned_s: float | None) -> None:
-    """A file cut short still opens when its header comes first (avi, mkv/webm, fast-start mp4); the header's frame
-    count or duration then promises more than the packets deliver. 10% slack: headers round, audio may run longer."""
+                   scanned_s: float | None) -> tuple[str, ...]:
+    """What the header promises against what the packet scan found, as warnings, never as errors: a sample is bad
+    only when a frame its sampling needs does not decode (the sampling runs over the frames the scan found, as the
+    release's decoder counts them). A header can promise more for harmless reasons (an AVI muxed with a 1/1000 time
+    base counts an empty index entry for every millisecond without a frame) or because the file was cut short
+    (mkv/webm/avi whose header comes first: the release trains on what is left, and so do we; an mp4 cut short
+    does not open at all). 10% slack on durations: headers round, audio may run longer."""
+    warnings = []
     if header_frames and frames < header_frames:
-        raise MediaError(path, f"truncated: the header promises {header_frames} frames, the file holds {frames}")
+        warnings.append(f"the header counts {header_frames} frames, the file holds {frames}")
     if header_s and scanned_s is not None and scanned_s < 0.9 * header_s - 0.1:
-        raise MediaError(path, f"truncated: the header says {header_s:.2f} s, the frames end at {scanned_s:.2f} s")
+        warnings.append(f"the header says {header_s:.2f} s, the frames end at {scanned_s:.2f} s (cut short?)")
+    return tuple(warnings)
 
 
 def container_duration_s(path: Path) -> float | None:
@@ -202,7 +209,7 @@ def probe(path: str | Path) -> VideoInfo:
         if not fps and index.duration_s:
             fps = n / index.duration_s
         return VideoInfo(num_frames=n, fps=fps, width=width, height=height, rotation=rotation,
-                         codec=stream.codec_context.name, duration_s=index.duration_s)
+                         codec=stream.codec_context.name, duration_s=index.duration_s, warnings=index.warnings)
 
 
 def read_frames(path: str | Path, indices: list[int]) -> np.ndarray:

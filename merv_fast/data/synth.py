@@ -2,8 +2,8 @@
 
 Real encoded clips (H.264/mp4, VP9/webm, MJPEG/avi, H.264/mkv) with moving content, in the odd-but-valid shapes a
 real dataset holds (one frame, fewer than 32 frames, odd sizes, variable frame rate, rotation metadata, grayscale,
-one keyframe for the whole clip), JPEG/PNG images (tall, tiny, grayscale, RGBA) and a LLaVA-format JSON that refers
-to them by relative path. The same seed writes the same pixels and the same JSON.
+one keyframe for the whole clip, an AVI whose header counts empty index entries as frames), JPEG/PNG images (tall,
+tiny, grayscale, RGBA) and a LLaVA-format JSON that refers to them by relative path. The same seed writes the same pixels and the same JSON.
 
 The writers (`write_video`, `write_image`) are public: tests build their own odd files with them.
 """
@@ -160,10 +160,15 @@ def video_catalogue(rng: random.Random) -> list[VideoSpec]:
         VideoSpec("h264_mp4_one_gop", "h264", jitter(96), jitter(54), 96, fps=60, gop=1000),
         VideoSpec("vp9_webm", "vp9", jitter(96), jitter(64), rng.randint(24, 48), fps=30),
         VideoSpec("mjpeg_mkv", "mjpeg", jitter(64), jitter(64), rng.randint(32, 40), fps=12),
+        # A 1/1000 time base in AVI (fixed-rate, one index entry per tick): the muxer writes an empty "drop" entry
+        # for every millisecond without a frame, so the header counts ~50x the frames the file holds. Valid: every
+        # frame decodes (the release's decoder trains on such files).
+        VideoSpec("mjpeg_avi_ms_timebase", "mjpeg", 64, 48, 40, fps=25, frame_ms=[40, 40, 80]),
     ]
 
 
-SUFFIX = {"h264_mkv_one_frame": ".mkv", "mjpeg_mkv": ".mkv", "mjpeg_avi_short": ".avi", "ffv1_mkv_gray": ".mkv"}
+SUFFIX = {"h264_mkv_one_frame": ".mkv", "mjpeg_mkv": ".mkv", "mjpeg_avi_short": ".avi", "ffv1_mkv_gray": ".mkv",
+          "mjpeg_avi_ms_timebase": ".avi"}
 
 
 def image_catalogue(rng: random.Random) -> list[tuple[str, str, int, int, str]]:
@@ -196,7 +201,7 @@ def conversation(rng: random.Random, modality: str | None) -> list[dict[str, str
     return turns
 
 
-def synthesize(out: str | Path, videos: int = 10, images: int = 6, texts: int = 2, seed: int = 0) -> dict:
+def synthesize(out: str | Path, videos: int = 11, images: int = 6, texts: int = 2, seed: int = 0) -> dict:
     """Write `videos` clips, `images` stills and a `data.json` (all entries, relative paths) into `out`.
     Returns {"json": path, "media_root": out, "videos": [...], "images": [...], "entries": n}."""
     out = Path(out)

@@ -16,6 +16,7 @@ from merv_fast.data.media_types import MediaError, VideoInfo
 
 
 def _decoder(path: Path):
+    """(the VideoDecoder, the warnings of the completeness check), or MediaError."""
     from torchcodec.decoders import VideoDecoder
 
     try:
@@ -33,23 +34,25 @@ def _decoder(path: Path):
     scanned_s = None
     if meta.end_stream_seconds_from_content is not None:
         scanned_s = meta.end_stream_seconds_from_content - (meta.begin_stream_seconds_from_content or 0.0)
-    pyav_backend.check_complete(path, meta.num_frames_from_header, int(meta.num_frames), header_s, scanned_s)
-    return decoder
+    warnings = pyav_backend.check_complete(path, meta.num_frames_from_header, int(meta.num_frames), header_s,
+                                           scanned_s)
+    return decoder, warnings
 
 
 def probe(path: str | Path) -> VideoInfo:
     path = pyav_backend.check_file(path)
-    meta = _decoder(path).metadata
+    decoder, warnings = _decoder(path)
+    meta = decoder.metadata
     return VideoInfo(num_frames=int(meta.num_frames), fps=float(meta.average_fps) if meta.average_fps else None,
                      width=int(meta.width), height=int(meta.height), rotation=int(round(meta.rotation or 0)) % 360,
-                     codec=str(meta.codec), duration_s=meta.duration_seconds)
+                     codec=str(meta.codec), duration_s=meta.duration_seconds, warnings=warnings)
 
 
 def read_frames(path: str | Path, indices: list[int]) -> np.ndarray:
     path = pyav_backend.check_file(path)
     if len(indices) == 0:
         raise ValueError("no frame indices asked for")
-    decoder = _decoder(path)
+    decoder, _ = _decoder(path)
     n = int(decoder.metadata.num_frames)
     bad = [i for i in indices if not 0 <= int(i) < n]
     if bad:

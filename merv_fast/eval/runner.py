@@ -26,7 +26,7 @@ from merv_fast.data.decode import MediaError
 from merv_fast.eval import decide, inputs, prompts
 from merv_fast.eval.layout import EvalItem, find_video, load_eval_set
 from merv_fast.eval.metrics import summarize
-from merv_fast.eval.progress import progress
+from merv_fast.progress import progress
 from merv_fast.eval.store import PredictionStore
 
 log = logging.getLogger("merv_fast.eval")
@@ -208,7 +208,8 @@ def run_eval(settings: EvalSettings, model=None, tokenizer=None) -> dict | None:
     store.start()
     todo = [i for group in video_groups(items)[info.rank::info.world_size] for i in group if i.key not in answered]
     answerer = Answerer(model, tokenizer, settings, directories)
-    bar = progress(len(todo), f"eval {settings.task} ({settings.mode}) rank {info.rank}", settings.show_progress)
+    bar = progress(len(todo), f"eval {settings.task} ({settings.mode}) rank {info.rank}", "questions",
+                   settings.show_progress)
     with torch.no_grad():
         for start in range(0, len(todo), settings.batch_size):
             batch = todo[start:start + settings.batch_size]

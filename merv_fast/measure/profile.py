@@ -8,9 +8,8 @@ communication when torch.distributed is initialised (the NCCL/c10d events of the
 - `trace_<preset>.json` per model: a Chrome/Perfetto trace (open in ui.perfetto.dev or chrome://tracing);
 - `profile.json`: the per-phase tables and the encoders' intervals;
 - a printed per-phase table (ms per step and share of the step) for both models, side by side;
-- with matplotlib (`pip install 'merv-fast[plots]'`): `phases_<merv>_vs_<baseline>.png` (phase bars) and
-  `encoders_timeline_<preset>.png` (each encoder's start/end per step on the host and, on a GPU, on the device:
-  bars that overlap in time ran concurrently). Without matplotlib the PNGs are skipped with one line that says so.
+- `phases_<merv>_vs_<baseline>.png` (phase bars) and `encoders_timeline_<preset>.png` (each encoder's start/end on
+  the host and, on a GPU, on the device, one panel per profiled step: bars that overlap in time ran concurrently).
 
 Phase times come from the trace itself: on a GPU the `gpu_user_annotation` ranges (first kernel start to last kernel
 end of each range, i.e. device time), on a CPU the host ranges.
@@ -21,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import json
+import os
 from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -38,7 +38,6 @@ PHASE_PREFIX = "phase:"
 ENCODER_PREFIX = "encoder:"
 POOLING = "pooling"
 COMM_MARKERS = ("nccl", "c10d::", "all_reduce", "allreduce", "reduce_scatter", "all_gather", "broadcast_")
-PLOTS_MISSING = "matplotlib is not installed: skipping the PNG plots (pip install 'merv-fast[plots]')"
 
 
 @dataclass
@@ -91,6 +90,31 @@ def instrumented(model):
             h.remove()
 
 
+@contextlib.contextmanager
+def without_kineto_markers():
+    """The profiler library (kineto) writes `USDT:... profiler_start/stop` to the process's stderr (fd 2, from C++)
+    at every start and stop, and KINETO_LOG_LEVEL can hide them only together with its errors. So fd 2 goes to a
+    file while profiling, and everything else written there is passed on to stderr afterwards: nothing is lost."""
+    import sys
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            kept = [line for line in sink.read().decode(errors="replace").splitlines(keepends=True)
+                    if not line.startswith("USDT:")]
+            sys.stderr.write("".join(kept))
+            sys.stderr.flush()
+
+
 def _phase(name: str):
     return record_function(PHASE_PREFIX + name)
 
@@ -103,7 +127,7 @@ def profile_model(preset: str, s: BenchSettings, batches, trace_path: Path) -> d
     if runner.gpu:
         torch.cuda.synchronize(runner.device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runner.gpu else [])
-    with instrumented(runner.model), torch.profiler.profile(activities=activities) as prof:
+    with without_kineto_markers(), instrumented(runner.model), torch.profiler.profile(activities=activities) as prof:
         for i in range(s.steps):
             with record_function(STEP):
                 loss = runner.step(batches[(s.warmup + i) % len(batches)], _phase)
@@ -168,8 +192,8 @@ def summarize_trace(trace: dict, *, steps: int, encoders: list[str], distributed
 
 
 def encoder_intervals(host: list[dict], device: list[dict], encoders: list[str]) -> dict[str, Any]:
-    """{lane: {encoder: [[start_ms, end_ms], ...]}} relative to the start of the step each range falls in, and the
-    time per step during which two or more encoders ran at once, per lane."""
+    """{lane: {encoder: [[start_ms, end_ms, step], ...]}}, times relative to the start of the profiled step (0, 1,
+    ...) each range falls in, and the time per step during which two or more encoders ran at once, per lane."""
     steps = sorted((float(e["ts"]), float(e["ts"]) + float(e["dur"])) for e in host if e["name"] == STEP)
     out: dict[str, Any] = {"lanes": {}, "overlap_ms_per_step": {}}
     for lane, evs in (("host", host), ("device", device)):
@@ -181,8 +205,9 @@ def encoder_intervals(host: list[dict], device: list[dict], encoders: list[str])
                 if e["name"] != ENCODER_PREFIX + name:
                     continue
                 start, end = float(e["ts"]), float(e["ts"]) + float(e["dur"])
-                origin = next((s0 for s0, _ in reversed(steps) if s0 <= start), steps[0][0] if steps else start)
-                spans[name].append([(start - origin) / 1e3, (end - origin) / 1e3])
+                step = next((k for k in reversed(range(len(steps))) if steps[k][0] <= start), 0)
+                origin = steps[step][0] if steps else start
+                spans[name].append([(start - origin) / 1e3, (end - origin) / 1e3, step])
                 absolute.append(([start / 1e3, end / 1e3], name))
         if any(spans.values()):
             out["lanes"][lane] = spans
@@ -229,19 +254,8 @@ def format_table(merv: dict[str, Any], base: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def have_matplotlib() -> bool:
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def save_plots(merv: dict[str, Any], base: dict[str, Any], out: Path) -> list[Path]:
-    """The two PNGs; [] (and the one-line message) without matplotlib."""
-    if not have_matplotlib():
-        print(PLOTS_MISSING)
-        return []
+    """The phase bars and one encoder timeline per model."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -269,24 +283,28 @@ def save_plots(merv: dict[str, Any], base: dict[str, Any], out: Path) -> list[Pa
     plt.close(fig)
     written.append(path)
 
-    # encoder timeline per model
+    # encoder timeline per model: one panel per profiled step, so that only ranges of the same step share an axis
     for summary in (merv, base):
         lanes = summary["encoder_intervals"]["lanes"]
         rows = [(lane, name, ivs) for lane, spans in lanes.items() for name, ivs in spans.items()]
         if not rows:
             continue
-        fig, ax = plt.subplots(figsize=(9, 0.5 * len(rows) + 1.5))
+        steps = sorted({iv[2] for _, _, ivs in rows for iv in ivs})
+        fig, axes = plt.subplots(len(steps), 1, figsize=(9, (0.5 * len(rows) + 1.0) * len(steps) + 0.5),
+                                 squeeze=False, sharex=True)
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
         names = list(next(iter(lanes.values())))
-        for y, (lane, name, ivs) in enumerate(rows):
-            ax.broken_barh([(s0, s1 - s0) for s0, s1 in ivs], (y - 0.4, 0.8),
-                           color=colors[names.index(name) % len(colors)], alpha=0.6)
-        ax.set_yticks(range(len(rows)), [f"{name} ({lane})" for lane, name, _ in rows])
-        ax.invert_yaxis()
-        ax.set_xlabel("ms from the start of each step (all profiled steps overlaid)")
+        for ax, step in zip(axes[:, 0], steps):
+            for y, (lane, name, ivs) in enumerate(rows):
+                ax.broken_barh([(s0, s1 - s0) for s0, s1, k in ivs if k == step], (y - 0.4, 0.8),
+                               color=colors[names.index(name) % len(colors)], alpha=0.6)
+            ax.set_yticks(range(len(rows)), [f"{name} ({lane})" for lane, name, _ in rows])
+            ax.invert_yaxis()
+            ax.set_title(f"profiled step {step + 1}", fontsize=9)
+        axes[-1, 0].set_xlabel("ms from the start of the step")
         overlap = ", ".join(f"{lane} {ms:.2f} ms" for lane, ms in
                             summary["encoder_intervals"]["overlap_ms_per_step"].items())
-        ax.set_title(f"{summary['preset']}: encoder timeline (concurrent per step: {overlap})")
+        fig.suptitle(f"{summary['preset']}: encoder timeline (concurrent per step: {overlap})")
         fig.tight_layout()
         path = out / f"encoders_timeline_{summary['preset']}.png"
         fig.savefig(path, dpi=110)

@@ -234,11 +234,26 @@ def render_markdown(data: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def results_table_markdown(paths: Iterable[str | Path]) -> str:
-    """The rows of several results files as one markdown table (the README's performance table)."""
+README_COLUMNS = ("device", "date", "area", "name", "ours ms (p20–p80)", "reference ms", "speedup", "share of ceiling",
+                  "throughput / counts", "details")
+README_CELL_CHARS = 72  # the README's table stays readable; every cell is whole in the results files themselves
+
+
+def _short(value: Any) -> Any:
+    text = "" if value is None else str(value)
+    return text if len(text) <= README_CELL_CHARS else text[:README_CELL_CHARS - 1] + "…"
+
+
+def results_table_markdown(paths: Iterable[str | Path], link_base: str = "bench/results") -> str:
+    """The rows of several results files as one markdown table (the README's performance table): no config column
+    and long cells cut short, each row linking its results file's `.md` twin, where everything is in full."""
     rows = []
     for path in paths:
-        data = json.loads(Path(path).read_text())
+        path = Path(path)
+        data = json.loads(path.read_text())
+        link = f"[{path.stem}]({link_base}/{path.stem}.md)"
         for r in data["results"]:
-            rows.append([data["device"], data["date"], *_row_cells(r)])
-    return "\n".join(_table(("device", "date", *RESULT_COLUMNS), rows)) + "\n"
+            area, name, _config, ours, reference, speedup, share, extras = _row_cells(r)
+            rows.append([data["device"], data["date"], area, _short(name), ours, _short(reference), speedup, share,
+                         _short(extras), link])
+    return "\n".join(_table(README_COLUMNS, rows)) + "\n"

@@ -41,6 +41,7 @@ from merv_fast.data.dataset import Entry, VideoLLaVADataset
 from merv_fast.data.media_types import MediaError
 from merv_fast.kernels.pooling import pool_concat, square_grid
 from merv_fast.model.visual import PooledFeatures
+from merv_fast.progress import progress
 
 CACHE_VERSION = 1
 INDEX = "index.json"
@@ -177,7 +178,8 @@ class _ShardWriter:
 
 def build_feature_cache(model, entries: Sequence[Entry], media_root: str | Path, out: str | Path, *,
                         storage_dtype: str = "bfloat16", shard_size: int = 64, batch_size: int = 8,
-                        decoder: str = "auto", autocast_dtype: torch.dtype | None = None) -> dict:
+                        decoder: str = "auto", autocast_dtype: torch.dtype | None = None,
+                        show_progress: bool = True) -> dict:
     """Encode and pool every distinct media item of `entries` once; returns the index written to `out/index.json`.
     `autocast_dtype` must be what training uses (bf16 on a GPU, None on CPU: `training_autocast(device)`)."""
     from merv_fast.data.dataset import load_media
@@ -196,6 +198,7 @@ def build_feature_cache(model, entries: Sequence[Entry], media_root: str | Path,
         if entry.kind != "text":
             todo.setdefault(media_key(entry), entry)
     model.eval()
+    bar = progress(len(todo), "cache-features", "media items", show_progress)
     autocast = (torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype is not None
                 else contextlib.nullcontext())
     for kind in ("video", "image"):
@@ -209,6 +212,7 @@ def build_feature_cache(model, entries: Sequence[Entry], media_root: str | Path,
                     failed[key] = err.reason
                     continue
                 loaded.append((key, torch.as_tensor(frames).to(device)))
+            bar.update(len(keys[start:start + batch_size]))
             if not loaded:
                 continue
             frames = [f for _, f in loaded]
@@ -223,6 +227,7 @@ def build_feature_cache(model, entries: Sequence[Entry], media_root: str | Path,
                     tensors[f"{name}.flip.pooled"], tensors[f"{name}.flip.means"] = pooled[row], means[row]
                 writer.add(key, tensors)
     writer.flush()
+    bar.close()
     index = {"fingerprint": fingerprint(model, autocast_dtype, storage_dtype), "shards": writer.shards,
              "entries": writer.entries, "failed": failed}
     (out / INDEX).write_text(json.dumps(index, indent=1))

@@ -5,8 +5,8 @@ The data is the synthesized media set (real encoded clips, written once into the
 pipeline (decode, frame sampling, prompts, labels, collate) before timing starts. Each timed step: preprocess the
 uint8 frames for every encoder (data), frozen encoders under no_grad, pooling + projection + fusion, LLM forward
 with the loss, backward, clipped AdamW update. Reported per model: samples/s, tokens/s (real text + visual), step
-time, the phase breakdown, peak memory and MFU on GPU; plus the MERV/baseline step-time ratio, `bench.json`, and
-a PNG of the breakdowns with the `plots` extra.
+time, the phase breakdown (the step time not inside any phase is its own row, "other", so the phases add up to the
+step), peak memory and MFU on GPU; plus the MERV/baseline step-time ratio, `bench.json` and `bench_phases.png`.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from merv_fast.train.optim import build_optimizer
 from merv_fast.train.phases import PhaseTimer
 
 PHASES = ("data", "encoders", "visual", "llm_forward", "backward", "optimizer")
+OTHER = "other"  # the step's wall time outside every phase (Python between phases, the GPU sync, timer overhead)
 
 
 @dataclass
@@ -113,7 +114,8 @@ def train_steps(preset: str, s: BenchSettings, batches) -> dict:
     step_times, phase_rows, losses, text_tokens = [], [], [], []
     if gpu:
         torch.cuda.reset_peak_memory_stats(device)
-    for i in range(s.warmup + s.steps):
+    total = s.warmup + s.steps
+    for i in range(total):
         batch = batches[i % len(batches)]
         text_tokens.append(int(batch.attention_mask.sum()))
         t0 = time.perf_counter()
@@ -122,12 +124,15 @@ def train_steps(preset: str, s: BenchSettings, batches) -> dict:
         elapsed = time.perf_counter() - t0
         if i >= s.warmup:
             step_times.append(elapsed)
+            phases[OTHER] = max(elapsed - sum(phases.get(p, 0.0) for p in PHASES), 0.0)
             phase_rows.append(phases)
             losses.append(loss.item())
         else:
             text_tokens.pop()  # only the measured steps count
         if not torch.isfinite(loss):
             raise FloatingPointError(f"{preset}: loss is {loss.item()} at step {i}")
+        kind = "warm-up" if i < s.warmup else "step"
+        print(f"  {preset}: {kind} {i + 1}/{total}  {elapsed * 1e3:.0f} ms  loss {loss.item():.4f}", flush=True)
     step = statistics.median(step_times)
     text_per_sample = sum(text_tokens) / (len(text_tokens) * s.batch_size)  # the batches' real (unpadded) text
     tokens_per_sample = text_per_sample + cfg.visual.num_tokens
@@ -144,7 +149,7 @@ def train_steps(preset: str, s: BenchSettings, batches) -> dict:
         "mfu": (flops * samples_per_s / peak) if peak else None,
         "flops_per_sample": flops,
         "peak_mem_bytes": torch.cuda.max_memory_allocated(device) if gpu else None,
-        "phases": {p: statistics.median(r.get(p, 0.0) for r in phase_rows) for p in PHASES},
+        "phases": {p: statistics.median(r.get(p, 0.0) for r in phase_rows) for p in PHASES + (OTHER,)},
         "losses": losses,
     }
 
@@ -180,13 +185,9 @@ def media_batches(cfg, batch_size: int, count: int, seed: int = 0) -> list:
                     pad_token_id=tokenizer.pad_token_id) for i in range(count)]
 
 
-def save_chart(report: dict, out: Path) -> Path | None:
-    """Phase breakdown per step, MERV vs baseline, side by side (needs matplotlib: the `plots` extra)."""
-    from merv_fast.measure.profile import PLOTS_MISSING, have_matplotlib
-
-    if not have_matplotlib():
-        print(PLOTS_MISSING)
-        return None
+def save_chart(report: dict, out: Path) -> Path:
+    """Phase breakdown per step, MERV vs baseline, side by side: stacked bars whose height is the median step time
+    (the phases' medians plus "other"; medians of parts need not add up exactly to the median of the whole)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -194,11 +195,15 @@ def save_chart(report: dict, out: Path) -> Path | None:
 
     fig, ax = plt.subplots(figsize=(6, 4))
     bottom = {"merv": 0.0, "baseline": 0.0}
-    for phase in PHASES:
+    stacked = PHASES + (OTHER,)
+    for phase in stacked:
         for x, side in enumerate(("merv", "baseline")):
-            v = report[side]["phases"][phase] * 1e3
-            ax.bar(x, v, bottom=bottom[side], color=f"C{PHASES.index(phase)}", label=phase if x == 0 else None)
+            v = report[side]["phases"].get(phase, 0.0) * 1e3
+            ax.bar(x, v, bottom=bottom[side], color=f"C{stacked.index(phase)}", label=phase if x == 0 else None)
             bottom[side] += v
+    for x, side in enumerate(("merv", "baseline")):
+        step_ms = report[side]["step_time_s"] * 1e3
+        ax.annotate(f"{step_ms:.1f} ms", (x, bottom[side]), ha="center", va="bottom", fontsize=8)
     ax.set_xticks([0, 1], [report["merv"]["preset"], report["baseline"]["preset"]])
     ax.set_ylabel("ms per training step")
     ax.set_title(f"{report['device']}: step-time ratio {report['ratio_step_time']:.2f}")
@@ -213,11 +218,15 @@ def save_chart(report: dict, out: Path) -> Path | None:
 def run_bench(settings: BenchSettings | None = None) -> dict:
     s = (settings or BenchSettings()).resolve()
     cfg = get_preset(s.preset)
+    print(f"merv-fast bench: {s.preset} vs {s.baseline} on {s.device}, batch {s.batch_size}, "
+          f"{s.warmup} warm-up + {s.steps} timed steps each; reading the synthesized media set", flush=True)
     batches = media_batches(cfg, s.batch_size, count=2, seed=s.seed)
+    print(f"building {s.preset}", flush=True)
     merv = train_steps(s.preset, s, batches)
     gc.collect()  # the first model's memory goes back before the second is built
     if s.device.startswith("cuda"):
         torch.cuda.empty_cache()
+    print(f"building {s.baseline}", flush=True)
     baseline = train_steps(s.baseline, s, batches)
     device = torch.cuda.get_device_name() if s.device.startswith("cuda") else f"cpu-{torch.get_num_threads()}thread"
     report = {
@@ -233,10 +242,8 @@ def run_bench(settings: BenchSettings | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench.json").write_text(json.dumps(report, indent=2))
     print(format_report(report))
-    chart = save_chart(report, out)
-    if chart is not None:
-        print(f"wrote {chart}")
     print(f"wrote {out / 'bench.json'}")
+    print(f"wrote {save_chart(report, out)}")
     return report
 
 
@@ -259,9 +266,9 @@ def format_report(r: dict) -> str:
             mv, bv = m[key], b[key]
         ratio = fmt(mv / bv, ".2f") if mv is not None and bv else "-"
         lines.append(f"{label:22}{fmt(mv, spec):>14}{fmt(bv, spec):>14}{ratio:>9}")
-    lines.append("phase breakdown (s/step):")
-    for p in PHASES:
-        mv, bv = m["phases"][p], b["phases"][p]
+    lines.append("phase breakdown (s/step, medians):")
+    for p in PHASES + (OTHER,):
+        mv, bv = m["phases"].get(p, 0.0), b["phases"].get(p, 0.0)
         lines.append(f"  {p:20}{mv:>14.4f}{bv:>14.4f}{(mv / bv if bv else float('nan')):>9.2f}")
     lines.append(f"step-time ratio MERV/baseline: {r['ratio_step_time']:.3f}")
     return "\n".join(lines)

@@ -111,7 +111,7 @@ class TrainState:
 def synthetic_data_dir(seed: int = 0) -> Path:
     base = os.environ.get("MERV_FAST_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "merv_fast")
-    return Path(base) / f"train-synth-seed{seed}"
+    return Path(base) / f"train-synth-v2-seed{seed}"  # v2: the catalogue gained its 11th clip
 
 
 def ensure_synthetic_data(info: DistInfo, seed: int = 0) -> tuple[str, str]:
@@ -122,7 +122,7 @@ def ensure_synthetic_data(info: DistInfo, seed: int = 0) -> tuple[str, str]:
     done = root / ".complete"
     if info.is_main and not done.exists():
         tmp = root.with_name(root.name + f".tmp{os.getpid()}")
-        synthesize(tmp, videos=10, images=6, texts=4, seed=seed)
+        synthesize(tmp, videos=11, images=6, texts=4, seed=seed)  # one clip of each kind in the catalogue
         if root.exists():
             import shutil
 
@@ -230,7 +230,7 @@ def _make_checkpointer(cfg: TrainConfig):
 def train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer=None) -> dict:
     """Train; returns the summary (also written to `<out>/summary.json` by rank 0)."""
     from merv_fast.data.collate import collate
-    from merv_fast.data.dataset import VideoLLaVADataset, load_entries, summarize_bad_samples
+    from merv_fast.data.dataset import VideoLLaVADataset, check_media_root, load_entries, summarize_bad_samples
     from merv_fast.data.sampler import ModalityLengthGroupedSampler
     from merv_fast.model.flops import peak_bf16_flops
     from merv_fast.model.merv import build_model
@@ -264,7 +264,10 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer=None) -> dict:
     elif media_root is None:
         media_root = str(Path(data_json).parent)
     tokenizer = build_tokenizer_for(model_cfg)
-    dataset_args = (load_entries(data_json), media_root, tokenizer)
+    entries = load_entries(data_json)
+    if not cfg.feature_cache:  # read from the cache, the media are not opened
+        check_media_root(entries, media_root)
+    dataset_args = (entries, media_root, tokenizer)
     dataset_kwargs = dict(prompt_format=model_cfg.llm.prompt_format, max_length=model_cfg.llm.max_text_tokens,
                           seed=cfg.seed, frames=model_cfg.visual.frames_sampled, decoder=cfg.decoder)
     feature_cache = None
@@ -392,7 +395,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer=None) -> dict:
         metrics.close()
     wall = time.perf_counter() - t_start
     summary = {"steps": state.step, "steps_run": steps_run, "stopped_by_signal": stop_requested, "total_steps": total, "steps_per_epoch": steps_per_epoch,
-               "micro_batches_per_step": k, "micro_batch_size": micro, "world_size": info.world_size,
+               "micro_batches_per_step": k, "micro_batch_size": micro, "world_size": info.world_size, "rank": info.rank,
                "final_loss": losses[-1] if losses else None, "losses": losses, "skipped_steps": skipped,
                "wall_s": wall, "bad_samples": summarize_bad_samples(bad_all), "data": data_json,
                "config": cfg.to_dict(), "model": model_cfg.name, "exported": exported}

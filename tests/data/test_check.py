@@ -84,3 +84,29 @@ def test_symlink_escaping_the_media_root_is_named(tmp_path, synth_dataset):
     path.write_text(json.dumps([{"id": "sneaky", "video": "link.mp4", "conversations": CONV}]))
     (bad,) = check_dataset(path, root).bad
     assert (bad.index, bad.id, bad.path) == (0, "sneaky", "link.mp4") and "outside the media root" in bad.reason
+
+
+def test_odd_but_valid_media_are_kept_with_a_warning(tmp_path, capsys, caplog):
+    """An AVI whose header counts its empty index entries as frames: every sampled frame decodes, so `data check`
+    passes it (a warning row, exit 0) and the dataset loads it (a logged warning, no bad sample)."""
+    from merv_fast.data.dataset import VideoLLaVADataset
+    from merv_fast.data.synth import VideoSpec, write_video
+    from merv_fast.testing import tiny_llama_tokenizer
+
+    write_video(tmp_path / "ms.avi", VideoSpec("ms", "mjpeg", 64, 48, 40, fps=25, frame_ms=[40, 40, 80]))
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps([{"id": "odd", "video": "ms.avi", "conversations": CONV}]))
+
+    assert main(["data", "check", str(path), "--media-root", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "warning (kept): the header counts 2120 frames, the file holds 40" in out
+    assert "all good, 1 with warnings (usable)" in out
+    assert main(["data", "check", str(path), "--media-root", str(tmp_path), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [(r["id"], r["severity"]) for r in rows] == [("odd", "warning")]
+
+    dataset = VideoLLaVADataset(path, tmp_path, tiny_llama_tokenizer())
+    with caplog.at_level("WARNING", logger="merv_fast.data"):
+        sample = dataset[0]
+    assert sample.index == 0 and not sample.bad_samples and tuple(sample.frames.shape[:1]) == (32,)
+    assert "the header counts 2120 frames, the file holds 40; kept" in caplog.text

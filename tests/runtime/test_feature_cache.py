@@ -106,7 +106,19 @@ def test_cli_builds_the_cache(data, tmp_path, capsys):
                  "--shard-size", "4"]) == 0
     index = json.loads((out / "index.json").read_text())
     assert index["fingerprint"]["storage_dtype"] == "bfloat16" and len(index["entries"]) == 5
-    assert "cached 5 media items in 2 shard(s)" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "cached 5 media items in 2 shard(s)" in captured.out
+    assert "failed: video:broken.mp4" in captured.err  # the one broken entry, with its reason
+    assert "cache-features" in captured.err and "6/6" in captured.err  # progress (tqdm, or a plain line)
+
+
+def test_cli_exits_1_when_nothing_was_cached(data, tmp_path, capsys):
+    out = tmp_path / "none"
+    assert main(["cache-features", "--data", str(data), "--media-root", str(tmp_path / "wrong"), "--out",
+                 str(out), "--set", "kernels=torch"]) == 1
+    err = capsys.readouterr().err
+    assert "nothing was cached: all 6 media items failed to load" in err
+    assert err.count("  failed: ") == 5 and "and 1 more" in err
 
 
 @pytest.mark.parametrize("overrides, field", [

@@ -114,3 +114,36 @@ def test_init_from_starts_from_the_given_weights(tmp_path, monkeypatch):
     assert main(common + ["--out", str(tmp_path / "third"), "--seed", "2", "--set", "lr=0.0"]) == 0
     fresh = load_file(str(tmp_path / "third" / "model.safetensors"))  # seed 2 without --init-from: other weights
     assert not torch.equal(fresh["visual.projectors.0.weight"], given["visual.projectors.0.weight"])
+
+
+def test_a_wrong_media_root_stops_before_training_with_one_line(tmp_path, capsys):
+    from merv_fast.data.synth import synthesize
+
+    info = synthesize(tmp_path / "media", videos=3, images=2, texts=1, seed=0)
+    out = tmp_path / "run"
+    assert main(["train", "--preset", "tiny", "--max-steps", "1", "--data", info["json"], "--media-root",
+                 str(tmp_path), "--out", str(out), "--set", "num_workers=0", "--set", "kernels=torch"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    assert f"media root {str(tmp_path)!r} looks wrong: 5 of 5 media files checked do not exist" in err
+    assert str(tmp_path) in err and not (out / "metrics.jsonl").exists()
+
+
+def test_torchrun_from_the_checkout_root_two_ranks_one_summary(tmp_path):
+    """The README's form: `torchrun --nproc-per-node 2 -m merv_fast.cli train ...` with the checkout's root as the
+    working directory (on sys.path: it must not shadow installed packages), FSDP2 over gloo; the final summary line
+    is printed by rank 0 only."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, MERV_FAST_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                           "--master-port", "0", "-m", "merv_fast.cli", "train", "--preset", "tiny", "--max-steps", "1",
+                           "--out", str(tmp_path / "run"), "--set", "num_workers=0", "--set", "kernels=torch",
+                           "--set", "global_batch_size=4"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert done.stdout.count("trained 1 steps") == 1, done.stdout

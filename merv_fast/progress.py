@@ -7,8 +7,8 @@ import time
 
 
 class _Lines:
-    def __init__(self, total: int, desc: str, every_s: float = 10.0):
-        self.total, self.desc, self.every_s = total, desc, every_s
+    def __init__(self, total: int, desc: str, unit: str, every_s: float = 10.0):
+        self.total, self.desc, self.unit, self.every_s = total, desc, unit, every_s
         self.done, self.start, self.last = 0, time.perf_counter(), 0.0
 
     def update(self, n: int) -> None:
@@ -17,7 +17,7 @@ class _Lines:
         if now - self.last >= self.every_s or self.done >= self.total:
             self.last = now
             rate = self.done / max(now - self.start, 1e-9)
-            print(f"{self.desc}: {self.done}/{self.total} questions ({rate:.2f}/s)", file=sys.stderr, flush=True)
+            print(f"{self.desc}: {self.done}/{self.total} {self.unit} ({rate:.2f}/s)", file=sys.stderr, flush=True)
 
     def close(self) -> None:
         pass
@@ -31,12 +31,12 @@ class _Silent:
         pass
 
 
-def progress(total: int, desc: str, enabled: bool = True):
-    """An object with update(n) and close()."""
+def progress(total: int, desc: str, unit: str = "items", enabled: bool = True):
+    """An object with update(n) and close(); `unit` names what is counted ("questions", "media items")."""
     if not enabled:
         return _Silent()
     try:
         from tqdm.auto import tqdm
     except ImportError:
-        return _Lines(total, desc)
-    return tqdm(total=total, desc=desc, unit="q")
+        return _Lines(total, desc, unit)
+    return tqdm(total=total, desc=desc, unit=f" {unit}")
