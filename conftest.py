@@ -1,6 +1,13 @@
-"""Repo-wide pytest hooks. Only one: tests marked `gpu` are skipped on a machine without CUDA."""
+"""Repo-wide pytest hooks: the session header names every requirement's installed version (when a new release of a
+dependency breaks the suite, the log's first lines say which), and tests marked `gpu` are skipped without CUDA."""
 
 import pytest
+
+
+def pytest_report_header(config):
+    from merv_fast.dependencies import format_versions, requirement_versions
+
+    return [f"merv-fast requirements: {format_versions(requirement_versions())}"]
 
 
 def pytest_collection_modifyitems(config, items):

@@ -106,9 +106,10 @@ def preprocess_reference(frames: torch.Tensor, specs: Sequence[EncoderInputSpec]
     antialias=True bilinear/bicubic uses PIL's filters (triangle, and cubic with a = -0.5) with PIL's support
     (filter radius times the downscale factor) and normalisation, but in float on the unrounded image, where PIL
     rounds each pass's result to uint8, clipping to [0, 255]. Measured (tests/kernels/test_preprocess.py::
-    test_reference_vs_pil, natural-looking frames to 224x224): bilinear max 0.99/255, mean 0.28/255 in [0, 1] units
-    (PIL's rounding only); bicubic mean 0.3/255, max 7-18/255 at hard edges, where the cubic filter overshoots and
-    PIL clips (also after its horizontal pass) while torch does not.
+    test_reference_vs_pil, natural-looking frames to 224x224, in [0, 1] units): wherever PIL's clipping cannot act,
+    the difference is PIL's rounding only, max 0.99/255 (bilinear) and 1.08/255 (bicubic); at hard edges the cubic
+    filter overshoots and PIL clips (also after its first pass, whose axis it picks) while torch does not: up to
+    18/255 there.
     """
     _check_inputs(frames, specs, flip)
     b = frames.shape[0]

@@ -194,7 +194,10 @@ def environment_report() -> dict[str, Any]:
     packages.update({name: probe_package(module, needs_cuda) for name, (module, needs_cuda)
                      in OPTIONAL_PACKAGES.items()})
     packages["NVIDIA apex"] = probe_apex()
+    from merv_fast.dependencies import requirement_versions
+
     return {
+        "requirements": requirement_versions(),
         "python": platform.python_version(),
         "platform": platform.platform(),
         "torch": torch.__version__,
@@ -224,9 +227,11 @@ def _package_line(info: dict[str, Any]) -> str:
 
 
 def format_report(report: dict[str, Any]) -> str:
+    from merv_fast.dependencies import format_versions
+
     cuda = report["cuda"]
-    lines = [("merv_fast", report["merv_fast"]), ("python", f"{report['python']} ({report['platform']})"),
-             ("torch", report["torch"])]
+    lines = [("merv_fast", report["merv_fast"]), ("requirements", format_versions(report["requirements"])),
+             ("python", f"{report['python']} ({report['platform']})"), ("torch", report["torch"])]
     if cuda["available"]:
         lines.append(("CUDA", f"{cuda['torch_built_with']}, driver {cuda['driver'] or 'unknown'}"))
     else:

@@ -163,9 +163,15 @@ def test_env_lists_each_attention_backend():
     assert set(report["attention"]["backends"]) == {"sdpa", "flex", "flash_attn", "xformers"}
     assert report["attention"]["auto"] == "sdpa" and report["attention"]["why"]
     text = env.format_report(report)
-    for name in ("sdpa", "flex", "flash_attn", "xformers"):
-        line = next(line for line in text.splitlines() if line.startswith(f"attention {name}"))
-        assert "available" in line
+    for name, info in report["attention"]["backends"].items():
+        line = next(line for line in text.splitlines() if line.startswith(f"attention {name} "))
+        state = line[len(f"attention {name}"):].strip()
+        # the line says exactly what the report says, and why
+        assert state.startswith("available: " if info["available"] else "not available: "), line
+        assert info["why"] and state.endswith(info["why"]), line
+    assert report["attention"]["backends"]["sdpa"]["available"]  # torch's own SDPA is usable everywhere
+    if not torch.cuda.is_available():  # the others need CUDA (flex: no backward on CPU)
+        assert not any(report["attention"]["backends"][n]["available"] for n in ("flash_attn", "xformers"))
     assert any(line.startswith("attention auto") for line in text.splitlines())
 
 

@@ -140,10 +140,17 @@ def test_torchrun_from_the_checkout_root_two_ranks_one_summary(tmp_path):
 
     root = Path(__file__).resolve().parents[2]
     env = dict(os.environ, MERV_FAST_CACHE=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                           "--master-port", "0", "-m", "merv_fast.cli", "train", "--preset", "tiny", "--max-steps", "1",
-                           "--out", str(tmp_path / "run"), "--set", "num_workers=0", "--set", "kernels=torch",
-                           "--set", "global_batch_size=4"],
-                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-    assert done.stdout.count("trained 1 steps") == 1, done.stdout
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "merv_fast.cli", "train", "--preset", "tiny", "--max-steps", "1",
+                             "--out", str(tmp_path / "run"), "--set", "num_workers=0", "--set", "kernels=torch",
+                             "--set", "global_batch_size=4"],
+                            cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=900)
+    finally:
+        if proc.poll() is None:  # never leave ranks behind
+            os.killpg(proc.pid, 9)
+            proc.wait()
+    assert proc.returncode == 0, stderr[-4000:]
+    assert stdout.count("trained 1 steps") == 1, stdout

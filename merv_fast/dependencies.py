@@ -1,0 +1,107 @@
+"""Which versions of merv_fast's dependencies are installed, and what changed since a known-good set.
+
+CI installs the newest release of every dependency on every run, so the project can break with no commit of ours
+(transformers 5.25 began importing a package named `kernels`). This module names such a cause at once:
+
+    python -m merv_fast.dependencies                        # merv-fast's requirements and their installed versions
+    python -m merv_fast.dependencies --diff .ci/known-good.txt   # every installed distribution that differs
+
+`.ci/run` prints the difference against `.ci/known-good.txt` (the `pip freeze` of the last green run) before the
+tests and again when any step fails; `merv-fast env` and the test session's header start with the versions.
+Standard library only, and nothing of merv_fast beyond its package's `__init__`: it works when torch itself does not
+import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata as metadata
+import re
+import sys
+from pathlib import Path
+
+DISTRIBUTION = "merv-fast"
+PACKAGING_TOOLS = {"pip", "setuptools", "wheel"}  # `pip freeze` leaves them out
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+def installed() -> dict[str, str]:
+    """Every installed distribution -> version (canonical names), like `pip freeze`."""
+    found = {}
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"]
+        if name:
+            found.setdefault(_canonical(name), dist.version)
+    return found
+
+
+def requirement_names() -> list[str]:
+    """merv-fast's declared requirements, extras included, in declaration order (canonical names); what the package
+    itself names when it is not installed (a source tree on sys.path): torch and transformers."""
+    try:
+        requires = metadata.requires(DISTRIBUTION) or []
+    except metadata.PackageNotFoundError:
+        return ["torch", "transformers"]
+    names = []
+    for line in requires:
+        name = _canonical(re.split(r"[\s;<>=!~\[(]", line.strip(), maxsplit=1)[0])
+        if name and name not in names:
+            names.append(name)
+    return names
+
+
+def requirement_versions() -> dict[str, str | None]:
+    """Each requirement -> its installed version (None: not installed, e.g. an extra that was not asked for)."""
+    have = installed()
+    return {name: have.get(name) for name in requirement_names()}
+
+
+def format_versions(versions: dict[str, str | None]) -> str:
+    return ", ".join(f"{name} {version or '(not installed)'}" for name, version in versions.items())
+
+
+def read_freeze(path: str | Path) -> dict[str, str]:
+    """A `pip freeze` file -> {canonical name: version}; lines that are not `name==version` are skipped."""
+    pinned = {}
+    for line in Path(path).read_text().splitlines():
+        match = re.match(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([^\s;#]+)", line)
+        if match:
+            pinned[_canonical(match.group(1))] = match.group(2)
+    return pinned
+
+
+def diff(known: dict[str, str], now: dict[str, str]) -> list[str]:
+    """One line per distribution that is new, gone or at another version, sorted by name."""
+    lines = []
+    for name in sorted(set(known) | set(now)):
+        before, after = known.get(name), now.get(name)
+        if before == after or name == _canonical(DISTRIBUTION) or name in PACKAGING_TOOLS:
+            continue
+        if before is None:
+            lines.append(f"+ {name} {after} (new since the known-good set)")
+        elif after is None:
+            lines.append(f"- {name} {before} (no longer installed)")
+        else:
+            lines.append(f"~ {name} {before} -> {after}")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m merv_fast.dependencies", description=__doc__.splitlines()[0])
+    parser.add_argument("--diff", metavar="FREEZE.txt", help="list what differs from this `pip freeze` file")
+    args = parser.parse_args(argv)
+    print(f"merv-fast requirements: {format_versions(requirement_versions())}")
+    if args.diff:
+        changes = diff(read_freeze(args.diff), installed())
+        print(f"installed distributions that differ from {args.diff}: "
+              + (f"{len(changes)}" if changes else "none"))
+        for line in changes:
+            print(f"  {line}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
