@@ -157,7 +157,13 @@ setup(
     cmdclass={"build_ext": CMakeBuild},
     entry_points={"console_scripts": ["merv-fast = merv_fast.cli:main"]},
     install_requires=["torch>=2.11", "transformers>=4.46", "safetensors", "pyyaml", "numpy", "pillow", "matplotlib"],
-    # decord: the release's decoder, only for the release-style baseline loader the benchmarks compare against
-    extras_require={"test": ["pytest", "pytest-benchmark", "triton", "decord", "kernels"], "video": ["av"],
-                    "plots": ["matplotlib"]},
+    # decord: the release's decoder, only for the release-style baseline loader the benchmarks compare against.
+    # kernels: Hugging Face's kernel hub, which transformers imports; the tests prove the checkout's kernels/ folder
+    # never shadows it. DALI: GPU decoding (NVDEC) and its CPU decoder, where NVIDIA publishes wheels (Linux).
+    # torchcodec is not listed: each release is built for one torch minor (0.13 for torch 2.13) and pip would pick
+    # the newest; install the matching one by hand (README, Decoders).
+    extras_require={"test": ["pytest", "pytest-benchmark", "triton", "decord", "kernels"],
+                    "video": ["av", "nvidia-dali-cuda130; platform_system == 'Linux' and "
+                                    "(platform_machine == 'x86_64' or platform_machine == 'aarch64')"],
+                    "plots": []},  # matplotlib is a dependency now; the extra stays so that old install lines work
 )

@@ -94,7 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--diff", metavar="FREEZE.txt", help="list what differs from this `pip freeze` file")
     args = parser.parse_args(argv)
     print(f"merv-fast requirements: {format_versions(requirement_versions())}")
-    if args.diff:
+    if args.diff and not Path(args.diff).is_file():
+        print(f"no known-good set at {args.diff}: nothing to compare with")
+    elif args.diff:
         changes = diff(read_freeze(args.diff), installed())
         print(f"installed distributions that differ from {args.diff}: "
               + (f"{len(changes)}" if changes else "none"))

@@ -100,7 +100,11 @@ def test_a_file_cut_short_is_kept_when_the_frames_sampled_from_what_is_left_deco
     assert keep - 1 <= info.num_frames <= keep  # matroska's last block may need the bytes after its packet
     assert any(w.startswith("the header") for w in info.warnings), info.warnings
     frames, idx, _ = decode_video_sampled(cut, count=32, decoder=backend, timeout_s=60)
-    assert np.array_equal(frames.numpy(), reference_frames(cut)[idx])
+    want = reference_frames(cut)[idx]
+    if backend == "torchcodec" and (info.width % 2 or info.height % 2):  # odd 4:2:0: see test_torchcodec_agrees...
+        assert np.abs(frames.numpy().astype(int) - want).mean() < 1.0
+    else:
+        assert np.array_equal(frames.numpy(), want)
 
 
 def test_seeking_decodes_each_frame_once(tmp_path, monkeypatch):
