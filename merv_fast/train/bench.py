@@ -27,6 +27,7 @@ from merv_fast.data.preprocess import preprocess_batch
 from merv_fast.model.flops import peak_bf16_flops, sample_flops
 from merv_fast.model.merv import build_model
 from merv_fast.train.optim import build_optimizer
+from merv_fast.train.parallel import enable_checkpointing
 from merv_fast.train.phases import PhaseTimer
 
 PHASES = ("data", "encoders", "visual", "llm_forward", "backward", "optimizer")
@@ -74,7 +75,7 @@ class StepRunner:
         torch.manual_seed(s.seed)
         self.model = build_model(preset, device=self.device, **s.overrides)
         if s.activation_checkpointing:
-            self.model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(self.model.llm)
         self.config = self.model.config
         self.optimizer = build_optimizer(self.model, lr=s.lr, weight_decay=0.1)
         self.gpu = gpu

@@ -166,15 +166,20 @@ def decoder_layers(llm: nn.Module) -> nn.ModuleList:
     return llm.model.layers
 
 
+def enable_checkpointing(llm: nn.Module) -> None:
+    """Non-reentrant activation checkpointing of every decoder layer, under the name this transformers has:
+    `activation_checkpointing_enable` since 5.25 (the old `gradient_checkpointing_enable` goes in v6)."""
+    if hasattr(llm, "activation_checkpointing_enable"):
+        llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def apply_activation_checkpointing(llm: nn.Module, mode: str) -> None:
     """full: every decoder layer; selective: every other layer (0, 2, ...); off: none."""
     if mode == "off":
         return
-    import warnings
-
-    with warnings.catch_warnings():  # transformers 5 renamed it (activation_checkpointing_enable); both work
-        warnings.simplefilter("ignore", FutureWarning)
-        llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(llm)
     if mode == "selective":
         for i, layer in enumerate(decoder_layers(llm)):
             if i % 2 == 1:
