@@ -234,13 +234,11 @@ def llama2_7b() -> LLMConfig:
 
 
 def tinyllama_1b() -> LLMConfig:
-    return LLMConfig(hidden_size=2048, num_layers=22, num_heads=32, num_kv_heads=4, intermediate_size=5632,
-                     max_position_embeddings=4096)
+    return llm_backbone("tinyllama-1.1b")
 
 
 def tiny_llm() -> LLMConfig:
-    return LLMConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=176,
-                     vocab_size=500, max_position_embeddings=1024, max_text_tokens=256)
+    return llm_backbone("tiny-tinyllama-1.1b")  # width 64, 2 layers, 4 heads over 2 KV heads
 
 
 # The release's LLM backbones (merv/models/materialize.py LLM_BACKBONES; sizes from each model's config.json). The
@@ -270,6 +268,9 @@ LLM_BACKBONES: dict[str, dict[str, Any]] = {
                             "intermediate_size": 11008, "vocab_size": 151936, "tie_word_embeddings": True},
     "qwen2.5-7b-instruct": {**_QWEN25, "hidden_size": 3584, "num_layers": 28, "num_heads": 28, "num_kv_heads": 4,
                             "intermediate_size": 18944, "vocab_size": 152064},
+    # Not a release backbone: the LLM of our merv-1b presets (TinyLlama-1.1B: the Llama-2 tokenizer and format).
+    "tinyllama-1.1b": {"hidden_size": 2048, "num_layers": 22, "num_heads": 32, "num_kv_heads": 4,
+                       "intermediate_size": 5632},
 }
 # `tiny-<backbone>`: that backbone's architecture, prompt format, pad and BOS handling at test width (grouped-query
 # attention kept where the backbone has it); the vocabulary is the in-process test tokenizer's (merv_fast/testing.py).

@@ -123,7 +123,9 @@ def ensure_synthetic_data(info: DistInfo, seed: int = 0, captions: bool = False)
     done = root / ".complete"
     if info.is_main and not done.exists():
         tmp = root.with_name(root.name + f".tmp{os.getpid()}")
-        synthesize(tmp, videos=10, images=6, texts=4, seed=seed, captions=captions)
+        # Caption data has no text-only entries (the release's stage-1 mix has none; a frozen LLM learns nothing
+        # from them).
+        synthesize(tmp, videos=10, images=6, texts=0 if captions else 4, seed=seed, captions=captions)
         if root.exists():
             import shutil
 

@@ -46,7 +46,8 @@ def test_backbone_table_follows_the_release_builders():
                        "vicuna-v15-7b": "vicuna-v15", "vicuna-v15-13b": "vicuna-v15",
                        "llama3-8b-pure": "llama2-base", "llama3-8b-chat": "llama2-chat",
                        "llama3.1-8b-chat": "llama3-chat",
-                       "qwen2.5-3b-instruct": "qwen25-chat", "qwen2.5-7b-instruct": "qwen25-chat"}
+                       "qwen2.5-3b-instruct": "qwen25-chat", "qwen2.5-7b-instruct": "qwen25-chat",
+                       "tinyllama-1.1b": "llama2-base"}  # ours (merv-1b), not a release backbone
     assert [b for b in LLM_BACKBONES if not llm_backbone(b).has_bos] == ["qwen2.5-3b-instruct", "qwen2.5-7b-instruct"]
     assert llm_backbone("llama3.1-8b-chat").rope_scaling["rope_type"] == "llama3"
     cfg = load_config("merv-7b", overrides={"llm": "vicuna-v15-13b", "llm.max_text_tokens": 1024})
