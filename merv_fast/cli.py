@@ -27,8 +27,12 @@ def cmd_info(args) -> int:
     from merv_fast.model.merv import build_model
     from merv_fast.model.summary import format_summary, model_summary
 
+    from merv_fast.train.stages import apply_recipe
+
     cfg = load_config(args.preset or "merv-7b", args.config, parse_cli_overrides(args.overrides))
-    summary = model_summary(build_model(config=cfg, device="meta"), text_tokens=args.text_tokens)
+    model = build_model(config=cfg, device="meta")
+    stage = apply_recipe(model, args.recipe) if args.recipe else None  # e.g. align: the LLM frozen
+    summary = model_summary(model, text_tokens=args.text_tokens, recipe=args.recipe, stage=stage)
     print(json.dumps(summary, indent=2) if args.json else format_summary(summary))
     return 0
 
@@ -172,6 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("info", help="parameters, visual tokens and FLOPs per module of a preset (built on meta)")
     _model_args(p)
     p.add_argument("--text-tokens", type=int, default=128)
+    p.add_argument("--recipe", default=None, help="count trainable parameters and FLOPs as this recipe trains")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_info)
 
@@ -210,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_results_table)
 
     p = sub.add_parser("train", help="train MERV (one process, or under torchrun: FSDP2 over the ranks)")
-    p.add_argument("--recipe", default="merv-frozen", help="merv-frozen | merv-full-stage1 | merv-full-stage2")
+    p.add_argument("--recipe", default="merv-frozen", help="merv-frozen | merv-full-stage1 | merv-full-stage2 | "
+                                                            "align | full-align | finetune | second_finetune")
     p.add_argument("--preset", default=None, help="model preset (default tiny)")
     p.add_argument("--config", default=None, help="YAML of training settings (may name its own `recipe`)")
     p.add_argument("--model-config", default=None, help="YAML of model-config overrides (may name its own `preset`)")

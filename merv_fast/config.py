@@ -21,7 +21,8 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 HALF = (0.5, 0.5, 0.5)
 
 ENCODER_NAMES = ("languagebind", "dinov2", "vivit", "siglip")
-PROMPT_FORMATS = ("llama2-base", "vicuna-v15", "llama3-chat", "qwen25-chat")
+PROMPT_FORMATS = ("llama2-base", "vicuna-v15", "llama3-chat", "qwen25-chat", "llama2-chat")
+LLM_ARCHITECTURES = ("llama", "qwen2")  # the transformers class a random-init LLM is built as (merv_fast/model/llm.py)
 KERNEL_BACKENDS = ("auto", "triton", "torch")
 LLM_ATTENTION = ("auto", "sdpa", "flex", "flash_attn", "xformers")  # merv_fast/model/attention.py
 LLM_LOSSES = ("fused", "plain")  # fused: kernels/fused_linear_ce.py; plain: transformers' loss on full logits
@@ -91,6 +92,9 @@ class VisualConfig:
     pool_size: tuple[int, int, int] = (16, 8, 8)  # (T', H', W')
     fusion_embed_dim: int = 3072
     frames_sampled: int = 32  # frame indices taken per video; each encoder strides through them
+    # Projectors and fusion drawn from their own seeded CPU stream: an int, "release" (the release's
+    # `torch.manual_seed(<first encoder's width>)` before it builds them: 1024 for merv-base) or None (the global one).
+    init_seed: int | str | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -122,10 +126,19 @@ class LLMConfig:
     # Triton RMSNorm / SwiGLU / RoPE in the Llama layers (merv_fast/model/llama_kernels.py): true, false or a list
     # of those ops; off until a GPU benchmark shows they win.
     fused_layer_kernels: bool | list[str] = False
+    # --- which LLM: the release's `llm_backbone_id` (LLM_BACKBONES below; `--set llm=vicuna-v15-7b` swaps the whole
+    # LLM config) and the architecture details that vary between those backbones.
+    backbone: str = "llama2-7b-pure"
+    architecture: str = "llama"  # one of LLM_ARCHITECTURES
+    tie_word_embeddings: bool = False  # Qwen2.5-3B's LM head is its input embedding
+    rope_scaling: dict | None = None  # Llama-3.1's "llama3" frequency scaling
+    pad_token: str | None = None  # add_pad_token: the token added (None: "<PAD>"); else an existing token used as pad
 
     @property
     def padded_vocab_size(self) -> int:
-        n = self.vocab_size + (1 if self.add_pad_token else 0)
+        if not self.add_pad_token:  # the release resizes the table only when it adds the pad token
+            return self.vocab_size
+        n = self.vocab_size + 1
         m = self.pad_to_multiple_of or 1
         return -(-n // m) * m
 
@@ -221,13 +234,62 @@ def llama2_7b() -> LLMConfig:
 
 
 def tinyllama_1b() -> LLMConfig:
-    return LLMConfig(hidden_size=2048, num_layers=22, num_heads=32, num_kv_heads=4, intermediate_size=5632,
-                     max_position_embeddings=4096)
+    return llm_backbone("tinyllama-1.1b")
 
 
 def tiny_llm() -> LLMConfig:
-    return LLMConfig(hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, intermediate_size=176,
-                     vocab_size=500, max_position_embeddings=1024, max_text_tokens=256)
+    return llm_backbone("tiny-tinyllama-1.1b")  # width 64, 2 layers, 4 heads over 2 KV heads
+
+
+# The release's LLM backbones (merv/models/materialize.py LLM_BACKBONES; sizes from each model's config.json). The
+# prompt format is the release's builder for that id (merv/models/backbones/llm/{llama2,llama3,qwen2}.py): note that
+# `llama3-8b-chat` uses the Llama-2 `[INST]` builder and `llama3.1-8b-chat` the Llama-3 header one.
+_LLAMA2_13B = dict(hidden_size=5120, num_layers=40, num_heads=40, num_kv_heads=40, intermediate_size=13824)
+_LLAMA3_8B = dict(hidden_size=4096, num_layers=32, num_heads=32, num_kv_heads=8, intermediate_size=14336,
+                  vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192)
+_LLAMA31_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                 "original_max_position_embeddings": 8192}
+# Qwen2.5 and Llama-3.1: no pad token added, no embedding resize (the release sets the pad id to 128004).
+_QWEN25 = dict(architecture="qwen2", rope_theta=1000000.0, rms_norm_eps=1e-6, max_position_embeddings=32768,
+               add_pad_token=False, pad_token="<|endoftext|>", has_bos=False, prompt_format="qwen25-chat")
+LLM_BACKBONES: dict[str, dict[str, Any]] = {
+    "llama2-7b-pure": {},
+    "llama2-13b-pure": _LLAMA2_13B,
+    "llama2-7b-chat": {"prompt_format": "llama2-chat"},
+    "llama2-13b-chat": {**_LLAMA2_13B, "prompt_format": "llama2-chat"},
+    "vicuna-v15-7b": {"prompt_format": "vicuna-v15"},
+    "vicuna-v15-13b": {**_LLAMA2_13B, "prompt_format": "vicuna-v15"},
+    "llama3-8b-pure": _LLAMA3_8B,
+    "llama3-8b-chat": {**_LLAMA3_8B, "prompt_format": "llama2-chat"},
+    "llama3.1-8b-chat": {**_LLAMA3_8B, "max_position_embeddings": 131072, "rope_scaling": _LLAMA31_ROPE,
+                         "add_pad_token": False, "pad_token": "<|finetune_right_pad_id|>",
+                         "prompt_format": "llama3-chat"},
+    "qwen2.5-3b-instruct": {**_QWEN25, "hidden_size": 2048, "num_layers": 36, "num_heads": 16, "num_kv_heads": 2,
+                            "intermediate_size": 11008, "vocab_size": 151936, "tie_word_embeddings": True},
+    "qwen2.5-7b-instruct": {**_QWEN25, "hidden_size": 3584, "num_layers": 28, "num_heads": 28, "num_kv_heads": 4,
+                            "intermediate_size": 18944, "vocab_size": 152064},
+    # Not a release backbone: the LLM of our merv-1b presets (TinyLlama-1.1B: the Llama-2 tokenizer and format).
+    "tinyllama-1.1b": {"hidden_size": 2048, "num_layers": 22, "num_heads": 32, "num_kv_heads": 4,
+                       "intermediate_size": 5632},
+}
+# `tiny-<backbone>`: that backbone's architecture, prompt format, pad and BOS handling at test width (grouped-query
+# attention kept where the backbone has it); the vocabulary is the in-process test tokenizer's (merv_fast/testing.py).
+_TINY_LLM_DIMS = dict(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=176, vocab_size=500,
+                      max_position_embeddings=1024, max_text_tokens=256)
+
+
+def llm_backbone(name: str) -> LLMConfig:
+    """The LLM config of one of the release's backbone ids (LLM_BACKBONES), or its `tiny-` test-width variant."""
+    base = name.removeprefix("tiny-")
+    if base not in LLM_BACKBONES:
+        raise ConfigError(f"unknown LLM backbone {name!r}; backbones are {list(LLM_BACKBONES)} (or tiny-<backbone>)")
+    cfg = LLMConfig(backbone=name, **LLM_BACKBONES[base])
+    if name.startswith("tiny-"):
+        gqa = cfg.num_kv_heads < cfg.num_heads
+        cfg = dataclasses.replace(cfg, **_TINY_LLM_DIMS, num_kv_heads=2 if gqa else 4)
+        if cfg.rope_scaling:  # keep the scaling active at the tiny context length
+            cfg.rope_scaling = {**cfg.rope_scaling, "original_max_position_embeddings": 64}
+    return cfg
 
 
 def _full_encoders() -> list[EncoderConfig]:
@@ -272,6 +334,9 @@ def _parse_value(text: str) -> Any:
 def _set_path(obj: Any, path: list[str], value: Any, full_key: str) -> None:
     """Set a dotted path on nested dataclasses; encoders are addressed by name (`encoders.dinov2.weights`)."""
     head, rest = path[0], path[1:]
+    if isinstance(obj, ModelConfig) and head == "llm" and not rest and isinstance(value, str):
+        obj.llm = llm_backbone(value)  # `llm=vicuna-v15-7b`: the whole LLM config of that backbone
+        return
     if isinstance(obj, ModelConfig) and head == "encoders" and rest and rest[0] in ENCODER_RUNTIME_KEYS:
         return _set_path(obj.encoder_runtime, rest, value, full_key)  # `encoders.mode`, not an encoder named "mode"
     if isinstance(obj, list):  # the encoder list
@@ -406,6 +471,19 @@ def validate(cfg: ModelConfig) -> None:
             raise ConfigError(f"encoders.{key} must be true or false, got {getattr(runtime, key)!r}")
     if cfg.llm.prompt_format not in PROMPT_FORMATS:
         raise ConfigError(f"unknown prompt_format {cfg.llm.prompt_format!r}; formats are {list(PROMPT_FORMATS)}")
+    seed = cfg.visual.init_seed
+    if not (seed is None or seed == "release" or (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0)):
+        raise ConfigError(f"visual.init_seed={seed!r}; use a non-negative integer, \"release\" or null")
+    llm = cfg.llm
+    if llm.backbone.removeprefix("tiny-") not in LLM_BACKBONES:
+        raise ConfigError(f"llm.backbone={llm.backbone!r}; backbones are {list(LLM_BACKBONES)}")
+    if llm.architecture not in LLM_ARCHITECTURES:
+        raise ConfigError(f"llm.architecture={llm.architecture!r}; choose one of {list(LLM_ARCHITECTURES)}")
+    if llm.rope_scaling is not None and not isinstance(llm.rope_scaling, dict):
+        raise ConfigError(f"llm.rope_scaling must be a mapping or null, got {llm.rope_scaling!r}")
+    for key in ("has_bos", "add_pad_token", "tie_word_embeddings"):
+        if not isinstance(getattr(llm, key), bool):
+            raise ConfigError(f"llm.{key} must be true or false, got {getattr(llm, key)!r}")
     if cfg.llm.attention not in LLM_ATTENTION:
         raise ConfigError(f"llm.attention={cfg.llm.attention!r}; choose one of {list(LLM_ATTENTION)}")
     if cfg.llm.loss not in LLM_LOSSES:

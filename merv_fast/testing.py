@@ -1,4 +1,5 @@
-"""Test helpers shared across the project: a tiny Llama tokenizer built entirely in-process (no downloads)."""
+"""Test helpers shared across the project: tiny tokenizers of each LLM family (Llama-2's SentencePiece-style one,
+Llama-3's and Qwen2.5's byte-level ones), built entirely in-process (no downloads)."""
 
 from __future__ import annotations
 
@@ -68,3 +69,67 @@ def tiny_llama_tokenizer(vocab_words: list[str] | None = None, vocab_size: int =
         if len(ids) != 1:
             raise ValueError(f"tiny tokenizer: {word!r} is {len(ids)} tokens; raise vocab_size ({vocab_size})")
     return tokenizer
+
+
+# Byte-level families: the special tokens each family's tokenizer.json declares (the names the release's prompt
+# builders and pad handling use), the BOS the tokenizer prepends (None: none), its EOS and its own pad token.
+LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|start_header_id|>",
+                   "<|end_header_id|>", "<|eot_id|>"]
+QWEN2_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _train_byte_level(words: tuple[str, ...], vocab_size: int, specials: tuple[str, ...]):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(specials), min_frequency=1,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    bpe.train_from_iterator(_CORPUS + list(words) * 50, trainer=trainer)  # each word alone: no leading space
+    return bpe
+
+
+@functools.lru_cache(maxsize=8)
+def _cached_byte_level(words: tuple[str, ...], vocab_size: int, specials: tuple[str, ...]) -> str:
+    return _train_byte_level(words, vocab_size, specials).to_str()
+
+
+def tiny_byte_level_tokenizer(family: str, vocab_words: list[str] | None = None, vocab_size: int = 460):
+    """A real transformers fast tokenizer of the Llama-3 (`family="llama3"`) or Qwen2.5 (`"qwen2"`) kind: byte-level
+    BPE trained in-process, the family's special tokens, Llama-3's `<|begin_of_text|>` BOS prepended with
+    `add_special_tokens=True` and Qwen's no BOS at all, EOS `<|end_of_text|>` / `<|im_end|>`. Saved with
+    `save_pretrained`, it loads back through `AutoTokenizer` like the real ones."""
+    from tokenizers import Tokenizer, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = {"llama3": LLAMA3_SPECIALS, "qwen2": QWEN2_SPECIALS}[family]
+    words = tuple(dict.fromkeys(_REQUIRED_WORDS + list(vocab_words or [])))
+    backend = Tokenizer.from_str(_cached_byte_level(words, vocab_size, tuple(specials)))
+    if family == "llama3":
+        bos = "<|begin_of_text|>"
+        backend.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, backend.token_to_id(bos))])
+        kwargs = dict(bos_token=bos, eos_token="<|end_of_text|>")
+    else:
+        kwargs = dict(bos_token=None, eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=2048, padding_side="right",
+                                        additional_special_tokens=specials, **kwargs)
+    for word in words:
+        if len(tokenizer.encode(word, add_special_tokens=False)) != 1:
+            raise ValueError(f"tiny {family} tokenizer: {word!r} is not one token; raise vocab_size ({vocab_size})")
+    return tokenizer
+
+
+def tokenizer_family(backbone: str) -> str:
+    """Which tokenizer a release backbone id uses: "llama2" (SentencePiece: Llama-2, Vicuna), "llama3", "qwen2"."""
+    base = backbone.removeprefix("tiny-")
+    return "qwen2" if base.startswith("qwen") else "llama3" if base.startswith("llama3") else "llama2"
+
+
+def tiny_tokenizer_for(backbone: str, vocab_words: list[str] | None = None, vocab_size: int = 400):
+    """The in-process tiny tokenizer of `backbone`'s family (no pad token set: `merv_fast.model.llm.set_pad_token`)."""
+    family = tokenizer_family(backbone)
+    if family == "llama2":
+        return tiny_llama_tokenizer(vocab_words, vocab_size)
+    return tiny_byte_level_tokenizer(family, vocab_words, vocab_size + 60)  # byte-level needs its 256 bytes first

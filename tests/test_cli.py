@@ -15,6 +15,22 @@ def test_info_full_preset_on_meta(capsys):
     assert 6.5e9 < s["modules"]["llm"]["trainable"] < 7.0e9
 
 
+def test_info_counts_as_a_recipe_trains_and_names_the_llm(capsys):
+    assert main(["info", "--preset", "merv-7b", "--set", "llm=qwen2.5-7b-instruct", "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert full["llm"] == {"backbone": "qwen2.5-7b-instruct", "prompt_format": "qwen25-chat", "has_bos": False}
+    assert main(["info", "--preset", "merv-7b", "--set", "llm=qwen2.5-7b-instruct", "--recipe", "align",
+                 "--json"]) == 0
+    align = json.loads(capsys.readouterr().out)
+    assert (align["recipe"], align["stage"]) == ("align", "align")
+    llm, llm_full = align["modules"]["llm"], full["modules"]["llm"]
+    assert llm["trainable"] == 0 and llm["frozen"] == llm_full["trainable"] > 7.6e9  # frozen in align
+    assert align["modules"]["visual (projectors + fusion)"]["trainable"] > 0
+    assert llm["flops_per_sample"] < llm_full["flops_per_sample"]  # no weight gradients
+    assert main(["info", "--preset", "tiny", "--recipe", "pretrain"]) == 2
+    assert "unknown recipe 'pretrain'" in capsys.readouterr().err
+
+
 def test_bad_preset_is_a_clear_error(capsys):
     assert main(["info", "--preset", "merv-70b"]) == 2
     assert "merv-70b" in capsys.readouterr().err

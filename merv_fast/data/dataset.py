@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Sequence
 
-from merv_fast.data.prompts import tokenize_conversation, validate_conversation
+from merv_fast.data.prompts import tokenize_caption, tokenize_conversation, validate_conversation
 
 log = logging.getLogger("merv_fast.data")
 
@@ -235,6 +235,25 @@ def parse_entries(data: Any) -> tuple[list[Entry], list[EntryProblem]]:
     return entries, problems
 
 
+# What a sample supervises: the whole conversation's gpt turns (the release's FinetuneVideoDataset), or only the
+# caption, `{caption}</s>` without human turn or prompt (its AlignVideoDataset: the align stages' data).
+OBJECTIVES = ("conversations", "captions")
+
+
+def caption_problems(entries: Sequence[Entry]) -> list[EntryProblem]:
+    """Entries that cannot be align-stage (caption) samples: the release asserts exactly two turns and a caption
+    without an `<image>`/`<video>` tag."""
+    problems = []
+    for e in entries:
+        if len(e.conversations) != 2:
+            problems.append(EntryProblem(e.index, e.id, "conversations", f"a caption (align-stage) entry has exactly "
+                                                                         f"2 turns, got {len(e.conversations)}"))
+        elif "<image>" in e.conversations[1]["value"] or "<video>" in e.conversations[1]["value"]:
+            problems.append(EntryProblem(e.index, e.id, "conversations[1].value",
+                                         "a caption must not contain <image> or <video>"))
+    return problems
+
+
 def read_json(json_path: str | Path) -> tuple[Any, EntryProblem | None]:
     """The JSON document, or a file-level problem (missing, unreadable, not JSON)."""
     try:
@@ -340,8 +359,15 @@ class VideoLLaVADataset:
     def __init__(self, entries: Sequence[Entry] | str | Path, media_root: str | Path, tokenizer,
                  prompt_format: str = "llama2-base", max_length: int = 2048, seed: int = 0,
                  frames: int = FRAMES_SAMPLED, random_flip: bool = True, decoder: str = "auto",
-                 timeout_s: float | None = None, max_attempts: int = 8, release_quirks: bool = True):
+                 timeout_s: float | None = None, max_attempts: int = 8, release_quirks: bool = True,
+                 objective: str = "conversations"):
         self.entries = load_entries(entries) if isinstance(entries, (str, Path)) else list(entries)
+        if objective not in OBJECTIVES:
+            raise ValueError(f"objective={objective!r}; choose one of {list(OBJECTIVES)}")
+        self.objective = objective
+        if objective == "captions" and (problems := caption_problems(self.entries)):
+            raise DatasetError(f"{len(problems)} entries cannot be caption samples:\n{format_problems(problems)}",
+                               problems)
         self.media_root = Path(media_root)
         self.tokenizer = tokenizer
         self.prompt_format = prompt_format
@@ -396,6 +422,8 @@ class VideoLLaVADataset:
         raise ValueError(f"lengths must be 'words' or 'tokens', got {lengths!r}")
 
     def tokenize(self, entry: Entry) -> tuple[list[int], list[int]]:
+        if self.objective == "captions":
+            return tokenize_caption(entry.conversations, self.tokenizer, self.max_length)
         return tokenize_conversation(entry.conversations, self.tokenizer, self.prompt_format, self.max_length,
                                      has_visual=entry.kind != "text", release_quirks=self.release_quirks)
 

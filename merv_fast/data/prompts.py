@@ -12,12 +12,18 @@ supervises only the gpt turns. The formats, as the release defines them:
   (The release's other Llama-3 id, ``llama3-8b-chat``, used the Llama-2 ``[INST]`` builder; we do not offer that.)
 - ``qwen25-chat``: the release's ``Qwen2PromptBuilder`` (``qwen2.5-*-instruct``): ChatML without the newline
   that the official template puts after each ``<|im_end|>``.
+- ``llama2-chat``: the release's ``LLaMa2ChatPromptBuilder`` (backbones ``llama2-*-chat`` and ``llama3-8b-chat``):
+  ``<s>[INST] {human} [/INST] `` then ``{gpt}</s>``, the system prompt inside the first ``[INST]``.
 
 Release quirks kept by default (``release_quirks=True``); ``release_quirks=False`` fixes them:
 
 - the two Prismatic-style formats strip ``<image>`` but leave the literal ``<video>`` in the text; the chat formats
   strip neither and do not ``.strip()`` messages or replace an empty gpt message by a space (fixing only
   strips both tags and the whitespace);
+- ``llama2-chat`` writes its system block as ``<<SYS>\n`` (one ``>`` short of Llama-2's ``<<SYS>>``) and starts
+  every human turn, the first included, with a literal ``<s>``: a Llama-2 tokenizer reads it as BOS, so the first
+  turn starts with two BOS tokens (the visual tokens go between them); a Llama-3 tokenizer (``llama3-8b-chat``)
+  reads ``<s>`` and ``</s>`` as plain text, so that backbone's answers end in the text ``</s>``, not an end token;
 - the chat formats put their system prompt only into the prompt string (``build_prompt``, used at evaluation),
   never into the training tokens, because the release's builders return just the wrapped turn.
 """
@@ -52,6 +58,7 @@ class PromptFormat:
     first_human: Callable[[str], str] | None = None  # None: same as `human`
     header: str = ""  # text the prompt starts with that is not part of any turn (the chat formats' system prompt)
     prismatic: bool = True  # Prismatic-style builder: cleans messages and right-strips the whole prompt string
+    first_human_fixed: Callable[[str], str] | None = None  # `first_human` with the release's quirks fixed
 
 
 def _prismatic_gpt(message: str) -> str:
@@ -76,6 +83,14 @@ def _qwen_human(message: str) -> str:
     return f"<|im_start|>user\n{message}<|im_end|>\n<|im_start|>assistant\n"
 
 
+def _inst_human(message: str) -> str:
+    return f"<s>[INST] {message} [/INST] "
+
+
+def _inst_system(opening: str) -> str:
+    return f"{opening}\n{MERV_CHAT_SYSTEM_PROMPT}\n<</SYS>>\n\n"
+
+
 FORMATS: dict[str, PromptFormat] = {
     "llama2-base": PromptFormat("llama2-base", human=_llama2_base_human, gpt=_prismatic_gpt),
     "vicuna-v15": PromptFormat(
@@ -89,6 +104,12 @@ FORMATS: dict[str, PromptFormat] = {
     "qwen25-chat": PromptFormat(
         "qwen25-chat", human=_qwen_human, gpt=lambda m: f"{m}<|im_end|>", prismatic=False,
         header=f"<|im_start|>system\n{MERV_CHAT_SYSTEM_PROMPT}<|im_end|>\n",
+    ),
+    "llama2-chat": PromptFormat(
+        "llama2-chat", human=_inst_human, gpt=_prismatic_gpt,
+        first_human=lambda m: _inst_human(_inst_system("<<SYS>") + m),
+        # Fixed: Llama-2's `<<SYS>>`, and no literal `<s>` on the first turn (the tokenizer adds BOS there).
+        first_human_fixed=lambda m: _inst_human(_inst_system("<<SYS>>") + m).removeprefix("<s>"),
     ),
 }
 assert tuple(FORMATS) == PROMPT_FORMATS, "config.PROMPT_FORMATS and the prompt builders must list the same formats"
@@ -131,7 +152,8 @@ def wrap_turns(conversation: list[dict], prompt_format: str, release_quirks: boo
         if index % 2 == 1:
             wrapped.append(fmt.gpt(message))
         elif index == 0 and fmt.first_human is not None:
-            wrapped.append(fmt.first_human(message))
+            fixed = not release_quirks and fmt.first_human_fixed is not None
+            wrapped.append((fmt.first_human_fixed if fixed else fmt.first_human)(message))
         elif index == 0 and not release_quirks:
             wrapped.append(fmt.header + fmt.human(message))  # fixed: the system prompt is trained on too
         else:

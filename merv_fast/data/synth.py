@@ -190,10 +190,11 @@ ANSWERS = ["A coloured square moves across a shifting gradient.", "The backgroun
            "A square travels over a smooth colour field."]
 
 
-def conversation(rng: random.Random, modality: str | None) -> list[dict[str, str]]:
-    """1-3 rounds; the media token opens the first human turn (as in LLaVA's data)."""
+def conversation(rng: random.Random, modality: str | None,
+                 rounds: tuple[int, ...] = (1, 1, 2, 3)) -> list[dict[str, str]]:
+    """1-3 rounds (a choice of `rounds`); the media token opens the first human turn (as in LLaVA's data)."""
     turns = []
-    for round_ in range(rng.choice([1, 1, 2, 3])):
+    for round_ in range(rng.choice(rounds)):
         question = rng.choice(QUESTIONS).format(m=modality or "story")
         if round_ == 0 and modality:
             question = f"<{modality}>\n{question}"
@@ -201,9 +202,12 @@ def conversation(rng: random.Random, modality: str | None) -> list[dict[str, str
     return turns
 
 
-def synthesize(out: str | Path, videos: int = 11, images: int = 6, texts: int = 2, seed: int = 0) -> dict:
+def synthesize(out: str | Path, videos: int = 11, images: int = 6, texts: int = 2, seed: int = 0,
+               captions: bool = False) -> dict:
     """Write `videos` clips, `images` stills and a `data.json` (all entries, relative paths) into `out`.
+    `captions`: every entry is one human/gpt round, as the align stages' caption data (the release's stage-1 mix).
     Returns {"json": path, "media_root": out, "videos": [...], "images": [...], "entries": n}."""
+    rounds = (1,) if captions else (1, 1, 2, 3)
     out = Path(out)
     (out / "videos").mkdir(parents=True, exist_ok=True)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -216,16 +220,16 @@ def synthesize(out: str | Path, videos: int = 11, images: int = 6, texts: int = 
         rel = f"videos/{i:04d}_{spec.name}{suffix}"
         write_video(out / rel, spec, seed=seed * 1000 + i)
         video_paths.append(rel)
-        entries.append({"id": f"video_{i:04d}", "video": rel, "conversations": conversation(rng, "video")})
+        entries.append({"id": f"video_{i:04d}", "video": rel, "conversations": conversation(rng, "video", rounds)})
     for i in range(images):
         catalogue = image_catalogue(rng)
         name, suffix, width, height, mode = catalogue[i % len(catalogue)]
         rel = f"images/{i:04d}_{name}{suffix}"
         write_image(out / rel, width, height, seed=seed * 1000 + i, mode=mode)
         image_paths.append(rel)
-        entries.append({"id": f"image_{i:04d}", "image": rel, "conversations": conversation(rng, "image")})
+        entries.append({"id": f"image_{i:04d}", "image": rel, "conversations": conversation(rng, "image", rounds)})
     for i in range(texts):
-        entries.append({"id": f"text_{i:04d}", "conversations": conversation(rng, None)})
+        entries.append({"id": f"text_{i:04d}", "conversations": conversation(rng, None, rounds)})
     json_path = out / "data.json"
     json_path.write_text(json.dumps(entries, indent=1) + "\n")
     return {"json": str(json_path), "media_root": str(out), "videos": video_paths, "images": image_paths,

@@ -56,13 +56,15 @@ def load_weights(model, path: str | Path) -> Path:
     return path
 
 
-def load_training_checkpoint(model, step_dir: Path) -> None:
-    """The model weights of one of the trainer's checkpoints (the visual path and the LLM; no optimizer state)."""
+def load_training_checkpoint(model, step_dir: Path, prefix: str = "") -> None:
+    """The model weights of one of the trainer's checkpoints (the visual path and the LLM, or only the weights named
+    `prefix...`; no optimizer state)."""
     import torch.distributed.checkpoint as dcp
 
     from merv_fast.train.checkpoint import DEFAULT_EXCLUDE, CheckpointError, _quiet_single_process
 
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith(DEFAULT_EXCLUDE)}
+    state = {k: v for k, v in model.state_dict().items()
+             if not k.startswith(DEFAULT_EXCLUDE) and k.startswith(prefix)}
     try:
         with _quiet_single_process():  # one process reading a checkpoint that many ranks may have written
             dcp.load({"model": state}, storage_reader=dcp.FileSystemReader(str(step_dir)))
@@ -96,6 +98,6 @@ def build_eval_model(model_cfg, weights: str | Path | None, device: torch.device
 
 def eval_tokenizer(model_cfg):
     """The training tokenizer (`llm.weights`; the in-process tiny tokenizer for random-init test presets)."""
-    from merv_fast.train.loop import build_tokenizer_for
+    from merv_fast.model.llm import training_tokenizer
 
-    return build_tokenizer_for(model_cfg)
+    return training_tokenizer(model_cfg.llm)

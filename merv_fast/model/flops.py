@@ -41,9 +41,10 @@ def encoder_forward_flops(enc: EncoderConfig) -> int:
 
 
 def llm_params(llm: LLMConfig) -> tuple[int, int]:
-    """(non-embedding parameters including the LM head, input-embedding parameters)."""
+    """(non-embedding parameters including the LM head, input-embedding parameters). A tied LM head (Qwen2.5-3B) is
+    counted in both: it is one tensor, but its product is computed once per token either way."""
     d, kv = llm.hidden_size, llm.hidden_size // llm.num_heads * llm.num_kv_heads
-    attn = d * d * 2 + d * kv * 2
+    attn = d * d * 2 + d * kv * 2 + (d + 2 * kv if llm.architecture == "qwen2" else 0)  # Qwen2: q/k/v biases
     mlp = 3 * d * llm.intermediate_size
     norms = 2 * d
     per_layer = attn + mlp + norms
@@ -51,11 +52,13 @@ def llm_params(llm: LLMConfig) -> tuple[int, int]:
     return llm.num_layers * per_layer + d + vocab * d, vocab * d
 
 
-def llm_train_flops(llm: LLMConfig, seq_len: int, trained_tokens: int | None = None) -> int:
-    """Forward+backward FLOPs of one sequence of `seq_len` tokens."""
+def llm_train_flops(llm: LLMConfig, seq_len: int, trained_tokens: int | None = None,
+                    weight_grads: bool = True) -> int:
+    """Forward+backward FLOPs of one sequence of `seq_len` tokens. `weight_grads=False` (a frozen LLM, the align
+    stage): the backward still computes the activations' gradients (to reach the visual tokens), not the weights'."""
     non_embedding, _ = llm_params(llm)
     tokens = seq_len if trained_tokens is None else trained_tokens
-    return 6 * non_embedding * tokens + llm.num_layers * 6 * seq_len**2 * llm.hidden_size
+    return (6 if weight_grads else 4) * non_embedding * tokens + llm.num_layers * 6 * seq_len**2 * llm.hidden_size
 
 
 def visual_path_flops(cfg: ModelConfig, train: bool = True) -> int:
@@ -77,13 +80,13 @@ class SampleFlops:
         return sum(self.encoders.values()) + self.visual + self.llm
 
 
-def sample_flops(cfg: ModelConfig, text_tokens: int, visual: bool = True) -> SampleFlops:
+def sample_flops(cfg: ModelConfig, text_tokens: int, visual: bool = True, llm_trained: bool = True) -> SampleFlops:
     """Training FLOPs of one video sample with `text_tokens` text tokens (visual tokens added when `visual`)."""
     seq = text_tokens + (cfg.visual.num_tokens if visual else 0)
     return SampleFlops(
         encoders={e.name: encoder_forward_flops(e) for e in cfg.encoders} if visual else {},
         visual=visual_path_flops(cfg) if visual else 0,
-        llm=llm_train_flops(cfg.llm, seq),
+        llm=llm_train_flops(cfg.llm, seq, weight_grads=llm_trained),
     )
 
 

@@ -1,8 +1,10 @@
 """The language model: building it (random or from a local checkpoint), its tokenizer, and visual-token splicing.
 
-Follows the release's LLM backbone: a pad token `<PAD>` is added to the tokenizer and the embedding table (and the
-untied LM head) is resized to `len(tokenizer)` rounded up to a multiple of 64 (Llama-2: 32000 + 1 -> 32064), the
-new rows drawn from N(0, initializer_range) as transformers 4.44 (the release's pin) did.
+Follows the release's LLM backbones (merv/models/backbones/llm/): Llama-2, Vicuna and Llama-3 get a pad token
+`<PAD>` added to the tokenizer, and the embedding table (and the untied LM head) is resized to `len(tokenizer)`
+rounded up to a multiple of 64 (Llama-2: 32000 + 1 -> 32064), the new rows drawn from N(0, initializer_range) as
+transformers 4.44 (the release's pin) did; Llama-3.1 and Qwen2.5 keep their vocabulary and use an existing token as
+pad.
 """
 
 from __future__ import annotations
@@ -20,10 +22,14 @@ PAD_TOKEN = "<PAD>"
 
 
 def llama_config(cfg: LLMConfig):
-    """A `LlamaConfig` with `cfg`'s sizes and the padded vocabulary."""
-    from transformers import LlamaConfig
+    """The transformers config of `cfg.architecture` (a `LlamaConfig`, or Qwen2's) with `cfg`'s sizes and the padded
+    vocabulary."""
+    import transformers
 
-    return LlamaConfig(
+    config_class = {"llama": transformers.LlamaConfig, "qwen2": transformers.Qwen2Config}[cfg.architecture]
+    extra = {"rope_scaling": dict(cfg.rope_scaling)} if cfg.rope_scaling else {}  # transformers edits the dict
+    return config_class(
+        **extra,
         vocab_size=cfg.padded_vocab_size,
         hidden_size=cfg.hidden_size,
         intermediate_size=cfg.intermediate_size,
@@ -33,8 +39,8 @@ def llama_config(cfg: LLMConfig):
         max_position_embeddings=cfg.max_position_embeddings,
         rope_theta=cfg.rope_theta,
         rms_norm_eps=cfg.rms_norm_eps,
-        tie_word_embeddings=False,
-        bos_token_id=1,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        bos_token_id=1 if cfg.has_bos else None,
         eos_token_id=2,
         use_cache=False,  # training default, as in the release; generation turns it back on
         attn_implementation="sdpa",
@@ -57,9 +63,10 @@ def build_llm(cfg: LLMConfig):
     to `cfg.padded_vocab_size` when smaller; every weight must come from the checkpoint (never silently random).
     """
     if cfg.weights is None:
-        from transformers import LlamaForCausalLM
+        import transformers
 
-        model = LlamaForCausalLM(llama_config(cfg))
+        model_class = {"llama": transformers.LlamaForCausalLM, "qwen2": transformers.Qwen2ForCausalLM}
+        model = model_class[cfg.architecture](llama_config(cfg))
         if cfg.add_pad_token:
             model.config.pad_token_id = cfg.vocab_size  # the id `<PAD>` gets when added to a `vocab_size` tokenizer
         attach_attention(model, cfg)
@@ -76,10 +83,33 @@ def build_llm(cfg: LLMConfig):
     if info.get("missing_keys"):
         raise ValueError(f"LLM checkpoint {str(directory)!r} lacks weights {sorted(info['missing_keys'])[:8]}; "
                          "refusing to train from randomly initialised ones")
+    check_checkpoint_config(model.config, cfg, directory)
     resize_embeddings(model, cfg)
     model.config.use_cache = False
     attach_attention(model, cfg)
     return model
+
+
+# (our field, the checkpoint config's attribute) pairs that must agree: a checkpoint of another backbone than the
+# configured one would otherwise load wherever the shapes allow.
+_CHECKED_FIELDS = (("hidden_size", "hidden_size"), ("num_layers", "num_hidden_layers"),
+                   ("num_heads", "num_attention_heads"), ("num_kv_heads", "num_key_value_heads"),
+                   ("intermediate_size", "intermediate_size"), ("tie_word_embeddings", "tie_word_embeddings"))
+_ARCHITECTURE_OF = {"llama": "llama", "qwen2": "qwen2"}  # our name -> transformers' model_type
+
+
+def check_checkpoint_config(hf_config, cfg: LLMConfig, directory: Path) -> None:
+    """Refuse a checkpoint whose config.json describes another LLM than `cfg`, naming the field and both values."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type != _ARCHITECTURE_OF[cfg.architecture]:
+        raise ValueError(f"{directory / 'config.json'}: model_type {model_type!r}, but llm.architecture is "
+                         f"{cfg.architecture!r} (llm.backbone {cfg.backbone!r})")
+    for ours, theirs in _CHECKED_FIELDS:
+        value = getattr(hf_config, theirs, None)
+        if value != getattr(cfg, ours):
+            raise ValueError(f"{directory / 'config.json'}: {theirs}={value!r}, but llm.{ours} is "
+                             f"{getattr(cfg, ours)!r} (llm.backbone {cfg.backbone!r}); set llm to this checkpoint's "
+                             "backbone")
 
 
 def attach_attention(model, cfg: LLMConfig) -> tuple[str, str]:
@@ -108,17 +138,40 @@ def resize_embeddings(model, cfg: LLMConfig) -> None:
         model.config.pad_token_id = cfg.vocab_size
 
 
-def add_pad_token(tokenizer) -> int:
-    """Add `<PAD>` as the pad token (the release's Llama-2/Llama-3 handling); returns its id."""
-    tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
+def add_pad_token(tokenizer, token: str | None = None) -> int:
+    """Add `token` (default `<PAD>`) as the pad token (the release's Llama-2/Llama-3 handling); returns its id."""
+    tokenizer.add_special_tokens({"pad_token": token or PAD_TOKEN})
     return tokenizer.pad_token_id
 
 
-def build_tokenizer(cfg: LLMConfig):
-    """The tokenizer from `cfg.weights` (a local directory), with the pad token added; None without weights.
+def set_pad_token(tokenizer, cfg: LLMConfig, source: str) -> None:
+    """The pad token `cfg` asks for: added (`add_pad_token`), an existing token (`pad_token`: the release set
+    Llama-3.1's `<|finetune_right_pad_id|>`), else the tokenizer's own or EOS. Only the id that fills padded positions
+    depends on it: they are never attended or supervised (the mask comes from the sample lengths, see collate.py)."""
+    if cfg.add_pad_token:
+        add_pad_token(tokenizer, cfg.pad_token)
+    elif cfg.pad_token is not None:
+        if cfg.pad_token not in tokenizer.get_vocab():
+            raise ValueError(f"{source}: llm.pad_token {cfg.pad_token!r} is not a token of this tokenizer")
+        tokenizer.pad_token = cfg.pad_token
+    elif tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
 
-    Right padding and `model_max_length = cfg.max_text_tokens`, as the release. Formats that add no pad token fall
-    back to EOS when the tokenizer has none: padded positions are never attended or supervised, so the id is moot.
+
+def check_bos(tokenizer, cfg: LLMConfig, source: str) -> None:
+    """`llm.has_bos` must say what the tokenizer does: the release puts the visual tokens after BOS exactly when the
+    tokenizer has one (Qwen2.5's has none: they lead)."""
+    starts = tokenizer("A", add_special_tokens=True).input_ids[:1] == [tokenizer.bos_token_id]
+    has_bos = tokenizer.bos_token is not None and starts
+    if has_bos != cfg.has_bos:
+        raise ValueError(f"{source}: the tokenizer {'starts' if has_bos else 'does not start'} sequences with a BOS "
+                         f"token but llm.has_bos is {cfg.has_bos} (llm.backbone {cfg.backbone!r})")
+
+
+def build_tokenizer(cfg: LLMConfig):
+    """The tokenizer from `cfg.weights` (a local directory), with the pad token set; None without weights.
+
+    Right padding and `model_max_length = cfg.max_text_tokens`, as the release.
     """
     if cfg.weights is None:
         return None
@@ -127,13 +180,24 @@ def build_tokenizer(cfg: LLMConfig):
     directory = _check_weights_dir(cfg.weights)
     tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
                                               model_max_length=cfg.max_text_tokens, padding_side="right")
-    if cfg.add_pad_token:
-        add_pad_token(tokenizer)
-    elif tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    set_pad_token(tokenizer, cfg, f"tokenizer in {str(directory)!r}")
+    check_bos(tokenizer, cfg, f"tokenizer in {str(directory)!r}")
     if len(tokenizer) > cfg.padded_vocab_size:
         raise ValueError(f"tokenizer in {str(directory)!r} has {len(tokenizer)} tokens, more than the "
                          f"{cfg.padded_vocab_size} embedding rows")
+    return tokenizer
+
+
+def training_tokenizer(cfg: LLMConfig):
+    """The tokenizer training and evaluation use: `cfg.weights`'s, or for a random-init LLM (the test presets) the
+    in-process tiny tokenizer of the backbone's family, with the same pad and BOS handling."""
+    tokenizer = build_tokenizer(cfg)
+    if tokenizer is None:
+        from merv_fast.testing import tiny_tokenizer_for
+
+        tokenizer = tiny_tokenizer_for(cfg.backbone, vocab_size=min(400, cfg.vocab_size))
+        set_pad_token(tokenizer, cfg, f"the tiny {cfg.backbone} tokenizer")
+        check_bos(tokenizer, cfg, f"the tiny {cfg.backbone} tokenizer")
     return tokenizer
 
 

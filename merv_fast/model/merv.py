@@ -26,7 +26,7 @@ class MERV(nn.Module):
         if cfg.llm.fused_layer_kernels:
             from merv_fast.model.llama_kernels import apply_fused_llama_kernels
             apply_fused_llama_kernels(self.llm, cfg.llm.fused_layer_kernels)
-        self.visual = VisualPath(cfg, llm_dim=self.llm.config.hidden_size)
+        self.visual = build_visual_path(cfg, self.llm.config.hidden_size)
 
     # ------------------------------------------------------------------ properties
     @property
@@ -98,6 +98,26 @@ class MERV(nn.Module):
         from merv_fast.model.release import load_release_state_dict
 
         load_release_state_dict(self, state_dict, source=source)
+
+
+def visual_init_seed(cfg: ModelConfig) -> int | None:
+    """`visual.init_seed` as a number ("release": the first encoder's width, as the release seeds it)."""
+    seed = cfg.visual.init_seed
+    return cfg.encoders[0].hidden_size if seed == "release" else seed
+
+
+def build_visual_path(cfg: ModelConfig, llm_dim: int) -> VisualPath:
+    """The visual path, its initial weights drawn from `visual.init_seed`'s own CPU stream when set: in the order the
+    release's MERV constructor draws them (each projector, then the fusion), on the CPU as the release builds, then
+    moved to the default device. The caller's random stream is left as it was."""
+    seed = visual_init_seed(cfg)
+    device = torch.get_default_device()
+    if seed is None or device.type == "meta":
+        return VisualPath(cfg, llm_dim=llm_dim)
+    with torch.random.fork_rng(devices=[]), torch.device("cpu"):
+        torch.manual_seed(seed)
+        visual = VisualPath(cfg, llm_dim=llm_dim)
+    return visual.to(device)
 
 
 def build_model(preset: str = "tiny", *, config: ModelConfig | None = None, device: str | torch.device | None = None,

@@ -110,9 +110,9 @@ def load_release_state_dict(model, state_dict: dict[str, Any], source: str = "<s
     model.load_state_dict(mapped, strict=False)
 
 
-def load_release_checkpoint(model, path: str | Path) -> dict[str, Any]:
-    """Read a release training checkpoint (`torch.load(..., weights_only=True)`: never unpickles code) into `model`.
-    Returns the file's other entries (optimizer, lr_scheduler, step) untouched."""
+def read_release_checkpoint(path: str | Path) -> dict[str, Any]:
+    """A release training checkpoint's contents, read with `torch.load(..., weights_only=True)` (never unpickles
+    code)."""
     path = Path(path)
     if not path.is_file():
         raise ReleaseCheckpointError(f"release checkpoint {str(path)!r} does not exist")
@@ -122,6 +122,13 @@ def load_release_checkpoint(model, path: str | Path) -> dict[str, Any]:
         raise ReleaseCheckpointError(f"{path}: not a readable weights-only checkpoint ({err})") from err
     if not isinstance(payload, dict):
         raise ReleaseCheckpointError(f"{path}: expected a dict, found {type(payload).__name__}")
+    return payload
+
+
+def load_release_checkpoint(model, path: str | Path) -> dict[str, Any]:
+    """Read a release training checkpoint into `model`. Returns the file's other entries (optimizer, lr_scheduler,
+    step) untouched."""
+    payload = read_release_checkpoint(path)
     load_release_state_dict(model, payload, source=str(path))
     return {k: v for k, v in payload.items() if k != "model"}
 

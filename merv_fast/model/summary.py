@@ -11,9 +11,10 @@ def _count(module) -> tuple[int, int]:
     return trainable, frozen
 
 
-def model_summary(model, text_tokens: int = 128) -> dict:
+def model_summary(model, text_tokens: int = 128, recipe: str | None = None, stage: str | None = None) -> dict:
+    """Counts as the model's parameters are set (a frozen LLM: the align stage); `recipe` / `stage` are named only."""
     cfg = model.config
-    flops = sample_flops(cfg, text_tokens)
+    flops = sample_flops(cfg, text_tokens, llm_trained=any(p.requires_grad for p in model.llm.parameters()))
     modules = {}
     for name, enc in model.encoders.items():
         t, f = _count(enc)
@@ -25,6 +26,8 @@ def model_summary(model, text_tokens: int = 128) -> dict:
     modules["llm"] = {"trainable": t, "frozen": f, "flops_per_sample": flops.llm}
     return {
         "preset": cfg.name,
+        "llm": {"backbone": cfg.llm.backbone, "prompt_format": cfg.llm.prompt_format, "has_bos": cfg.llm.has_bos},
+        "recipe": recipe, "stage": stage,
         "visual_tokens": cfg.visual.num_tokens,
         "pool_size": list(cfg.visual.pool_size),
         "text_tokens_assumed": text_tokens,
@@ -38,6 +41,9 @@ def model_summary(model, text_tokens: int = 128) -> dict:
 def format_summary(s: dict) -> str:
     lines = [f"preset {s['preset']}: {s['visual_tokens']} visual tokens (pool {'x'.join(map(str, s['pool_size']))}), "
              f"FLOPs per video sample with {s['text_tokens_assumed']} text tokens (training step)",
+             f"LLM {s['llm']['backbone']} (prompt format {s['llm']['prompt_format']}, "
+             f"{'visual tokens after BOS' if s['llm']['has_bos'] else 'no BOS: visual tokens first'})"
+             + (f"; recipe {s['recipe']} (the release's {s['stage']} stage)" if s["recipe"] else ""),
              f"{'module':32}{'trainable':>16}{'frozen':>16}{'TFLOP/sample':>14}"]
     for name, m in s["modules"].items():
         note = f"  ({m['layers_run']} of {m['of_layers']} layers)" if "layers_run" in m else ""

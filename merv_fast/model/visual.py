@@ -47,7 +47,8 @@ class CrossAttentionFusion(nn.Module):
         if self.query.is_meta:
             return
         a = self.attention
-        for p in (self.query, a.q_proj_weight, a.k_proj_weight, a.v_proj_weight):
+        # The release's draw order: nn.MultiheadAttention's q, k, v projections, then the query (`Q`).
+        for p in (a.q_proj_weight, a.k_proj_weight, a.v_proj_weight, self.query):
             nn.init.xavier_uniform_(p)
         nn.init.zeros_(a.in_proj_bias)
         nn.init.zeros_(a.out_proj.bias)

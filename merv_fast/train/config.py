@@ -10,13 +10,50 @@ from typing import Any
 
 from merv_fast.config import ConfigError, parse_cli_overrides, read_yaml_mapping
 
-# The spec's recipes. Everything not named here is the spec's common default (AdamW, wd 0.1 except where the table
-# says 0, warmup ratio 0.03 then cosine, clip 1.0, bf16, frozen encoders, activation checkpointing on LLM layers).
-RECIPES: dict[str, dict[str, Any]] = {
-    "merv-frozen": {"lr": 2e-5, "global_batch_size": 128, "epochs": 1.0, "weight_decay": 0.1},
-    "merv-full-stage1": {"lr": 1e-4, "global_batch_size": 256, "epochs": 1.0, "weight_decay": 0.0},
-    "merv-full-stage2": {"lr": 2e-5, "global_batch_size": 128, "epochs": 1.0, "weight_decay": 0.1},
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What a recipe trains and loads: one of the release's `--stage`s (scripts/pretrain_video.py), with what its
+    `freeze_backbones` trains and its `load_from_checkpoint` loads (merv/models/vidlms/merv.py)."""
+
+    release: str  # the release's stage name
+    train_llm: bool  # False: the LLM is frozen, only the projectors and the fusion train (align)
+    data: str  # merv_fast.data.dataset.OBJECTIVES: "captions" (the release's AlignVideoDataset) | "conversations"
+    init_loads: str  # what `init_from` restores: "all" (visual path + LLM) | "projectors" (the release's finetune)
+    init_required: bool  # the release will not start this stage without weights to load
+
+
+STAGES = {
+    "align": Stage("align", train_llm=False, data="captions", init_loads="all", init_required=False),
+    "full-align": Stage("full-align", train_llm=True, data="captions", init_loads="all", init_required=False),
+    # finetune of a `no-align` architecture (merv-base): the release loads nothing and trains one stage.
+    "no-align": Stage("finetune", train_llm=True, data="conversations", init_loads="all", init_required=False),
+    "finetune": Stage("finetune", train_llm=True, data="conversations", init_loads="projectors", init_required=True),
+    "second_finetune": Stage("second_finetune", train_llm=True, data="conversations", init_loads="all",
+                             init_required=True),
 }
+
+# The recipes: a stage and its hyperparameters. Everything not named here is the spec's common default (AdamW, wd 0.1
+# except where the table says 0, warmup ratio 0.03 then cosine, clip 1.0, bf16, frozen encoders, activation
+# checkpointing on LLM layers). The release's stage names take the hyperparameters the release gives that stage with
+# its default model config (merv/conf/models.py MERV_Base: align_* for the align stages, finetune_* for the others);
+# merv-full-stage1 is full-align with merv-full's align learning rate.
+_ALIGN = {"lr": 1e-3, "global_batch_size": 256, "epochs": 1.0, "weight_decay": 0.0}
+_FINETUNE = {"lr": 2e-5, "global_batch_size": 128, "epochs": 1.0, "weight_decay": 0.1}
+RECIPE_STAGES = {"merv-frozen": "no-align", "merv-full-stage1": "full-align", "merv-full-stage2": "second_finetune",
+                 "align": "align", "full-align": "full-align", "finetune": "finetune",
+                 "second_finetune": "second_finetune"}
+RECIPES: dict[str, dict[str, Any]] = {
+    "merv-frozen": _FINETUNE,
+    "merv-full-stage1": {**_ALIGN, "lr": 1e-4},
+    "merv-full-stage2": _FINETUNE,
+    "align": _ALIGN,
+    "full-align": _ALIGN,
+    "finetune": _FINETUNE,
+    "second_finetune": _FINETUNE,
+}
+assert set(RECIPES) == set(RECIPE_STAGES), "every recipe names its stage"
 
 # CPU test presets cannot take a 128-sample step in reasonable time: unless the batch sizes were set explicitly,
 # these presets use this global batch (the learning rate and everything else stay the recipe's).
@@ -92,6 +129,19 @@ class TrainConfig:
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         return self
+
+    @property
+    def stage(self) -> Stage:
+        return STAGES[RECIPE_STAGES[self.recipe]]
+
+    def check_init(self) -> None:
+        """The stages that continue an earlier run need its weights (`init_from`), as the release's do."""
+        stage = self.stage
+        if stage.init_required and not self.init_from:
+            loads = "its projectors" if stage.init_loads == "projectors" else "its projectors, fusion and LLM"
+            raise ConfigError(f"recipe {self.recipe!r} (the release's {stage.release!r} stage) continues an earlier "
+                              f"run and loads {loads}: give --init-from (that run's directory, export or release "
+                              "checkpoint)")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

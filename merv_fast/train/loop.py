@@ -108,21 +108,25 @@ class TrainState:
 
 
 # ------------------------------------------------------------------------------------------------ data
-def synthetic_data_dir(seed: int = 0) -> Path:
+def synthetic_data_dir(seed: int = 0, captions: bool = False) -> Path:
     base = os.environ.get("MERV_FAST_CACHE") or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "merv_fast")
-    return Path(base) / f"train-synth-v2-seed{seed}"  # v2: the catalogue gained its 11th clip
+    # v2: the catalogue gained its 11th clip
+    return Path(base) / f"train-synth-v2{'-captions' if captions else ''}-seed{seed}"
 
 
-def ensure_synthetic_data(info: DistInfo, seed: int = 0) -> tuple[str, str]:
-    """Synthesize the default dataset once (rank 0; the others wait) and return (json, media_root)."""
+def ensure_synthetic_data(info: DistInfo, seed: int = 0, captions: bool = False) -> tuple[str, str]:
+    """Synthesize the default dataset once (rank 0; the others wait) and return (json, media_root). `captions`: the
+    align stages' kind (one round per entry)."""
     from merv_fast.data.synth import synthesize
 
-    root = synthetic_data_dir(seed)
+    root = synthetic_data_dir(seed, captions)
     done = root / ".complete"
     if info.is_main and not done.exists():
         tmp = root.with_name(root.name + f".tmp{os.getpid()}")
-        synthesize(tmp, videos=11, images=6, texts=4, seed=seed)  # one clip of each kind in the catalogue
+        # One clip of each kind in the catalogue. Caption data has no text-only entries (the release's stage-1 mix
+        # has none; a frozen LLM learns nothing from them).
+        synthesize(tmp, videos=11, images=6, texts=0 if captions else 4, seed=seed, captions=captions)
         if root.exists():
             import shutil
 
@@ -133,19 +137,24 @@ def ensure_synthetic_data(info: DistInfo, seed: int = 0) -> tuple[str, str]:
     return str(root / "data.json"), str(root)
 
 
-def build_tokenizer_for(model_cfg: ModelConfig):
-    from merv_fast.model.llm import add_pad_token, build_tokenizer
+def build_dataset(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer, data_json: str, media_root: str,
+                  feature_cache=None):
+    """The training dataset: the recipe's stage picks what a sample supervises (captions only for the align stages,
+    as the release's AlignVideoDataset; the conversations' answers otherwise); `feature_cache`: read pooled features
+    instead of decoding."""
+    from merv_fast.data.dataset import VideoLLaVADataset, check_media_root, load_entries
 
-    tok = build_tokenizer(model_cfg.llm)
-    if tok is None:  # random-init LLM (test presets): the in-process tiny Llama tokenizer
-        from merv_fast.testing import tiny_llama_tokenizer
+    entries = load_entries(data_json)
+    if feature_cache is None:  # read from the cache, the media are not opened
+        check_media_root(entries, media_root)
+    args = (entries, media_root, tokenizer)
+    kwargs = dict(prompt_format=model_cfg.llm.prompt_format, max_length=model_cfg.llm.max_text_tokens,
+                  seed=cfg.seed, frames=model_cfg.visual.frames_sampled, decoder=cfg.decoder, objective=cfg.stage.data)
+    if feature_cache is not None:
+        from merv_fast.runtime.feature_cache import CachedFeatureDataset
 
-        tok = tiny_llama_tokenizer(vocab_size=min(400, model_cfg.llm.vocab_size))
-        if model_cfg.llm.add_pad_token:
-            add_pad_token(tok)
-        elif tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-    return tok
+        return CachedFeatureDataset(feature_cache, *args, **kwargs)
+    return VideoLLaVADataset(*args, **kwargs)
 
 
 def default_micro_batch(per_rank: int, cap: int = 16) -> int:
@@ -202,12 +211,6 @@ class MetricsWriter:
 
 
 # ------------------------------------------------------------------------------------------------ the loop
-def _load_init(model, path: str) -> None:
-    from merv_fast.model.release import load_release_checkpoint
-
-    load_release_checkpoint(model, path)
-
-
 def export_weights(model, out: Path, export: str) -> dict[str, str]:
     """The trained weights (all but the frozen encoders), gathered from the shards: `model.safetensors` (ours, what
     `merv-fast eval --weights` reads) and/or `release_checkpoint.pt` (the release's layout). Every rank calls it."""
@@ -230,13 +233,16 @@ def _make_checkpointer(cfg: TrainConfig):
 def train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer=None) -> dict:
     """Train; returns the summary (also written to `<out>/summary.json` by rank 0)."""
     from merv_fast.data.collate import collate
-    from merv_fast.data.dataset import VideoLLaVADataset, check_media_root, load_entries, summarize_bad_samples
+    from merv_fast.data.dataset import summarize_bad_samples
     from merv_fast.data.sampler import ModalityLengthGroupedSampler
     from merv_fast.model.flops import peak_bf16_flops
+    from merv_fast.model.llm import training_tokenizer
     from merv_fast.model.merv import build_model
     from merv_fast.train.optim import build_optimizer
+    from merv_fast.train.stages import freeze_for_stage, load_initial_weights
 
     cfg.validate()
+    cfg.check_init()
     info = init_distributed(cfg.device)
     device = info.device
     gpu = device.type == "cuda"
@@ -249,8 +255,9 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer=None) -> dict:
 
     # ---- model
     model = build_model(config=model_cfg, device=device)
-    if cfg.init_from:
-        _load_init(model, cfg.init_from)
+    if cfg.init_from:  # all trained weights, or only the projectors (the release's finetune after align)
+        load_initial_weights(model, cfg.init_from, cfg.stage)
+    freeze_for_stage(model, cfg.stage)  # align: the LLM too
     apply_activation_checkpointing(model.llm, cfg.activation_checkpointing)
     module = TrainModule(model, pack_budget=cfg.pack_budget if cfg.packing else None)
     module = shard_model(module, info, param_dtype=cfg.param_dtype, reduce_dtype=cfg.reduce_dtype,
@@ -260,25 +267,17 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer=None) -> dict:
     # ---- data
     data_json, media_root = cfg.data, cfg.media_root
     if data_json is None:
-        data_json, media_root = ensure_synthetic_data(info, cfg.seed)
+        data_json, media_root = ensure_synthetic_data(info, cfg.seed, captions=cfg.stage.data == "captions")
     elif media_root is None:
         media_root = str(Path(data_json).parent)
-    tokenizer = build_tokenizer_for(model_cfg)
-    entries = load_entries(data_json)
-    if not cfg.feature_cache:  # read from the cache, the media are not opened
-        check_media_root(entries, media_root)
-    dataset_args = (entries, media_root, tokenizer)
-    dataset_kwargs = dict(prompt_format=model_cfg.llm.prompt_format, max_length=model_cfg.llm.max_text_tokens,
-                          seed=cfg.seed, frames=model_cfg.visual.frames_sampled, decoder=cfg.decoder)
+    tokenizer = training_tokenizer(model_cfg.llm)
     feature_cache = None
     if cfg.feature_cache:  # pooled features read from the cache: no decoding, no encoders
-        from merv_fast.runtime.feature_cache import CachedFeatureDataset, FeatureCache, training_autocast
+        from merv_fast.runtime.feature_cache import FeatureCache, training_autocast
 
         feature_cache = FeatureCache(cfg.feature_cache)
         feature_cache.check(model, training_autocast(device))
-        dataset = CachedFeatureDataset(feature_cache, *dataset_args, **dataset_kwargs)
-    else:
-        dataset = VideoLLaVADataset(*dataset_args, **dataset_kwargs)
+    dataset = build_dataset(cfg, model_cfg, tokenizer, data_json, media_root, feature_cache)
     per_rank = cfg.global_batch_size // info.world_size if cfg.global_batch_size % info.world_size == 0 else None
     if per_rank is None:
         raise ValueError(f"global_batch_size {cfg.global_batch_size} is not a multiple of the world size "
@@ -398,7 +397,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer=None) -> dict:
                "micro_batches_per_step": k, "micro_batch_size": micro, "world_size": info.world_size, "rank": info.rank,
                "final_loss": losses[-1] if losses else None, "losses": losses, "skipped_steps": skipped,
                "wall_s": wall, "bad_samples": summarize_bad_samples(bad_all), "data": data_json,
-               "config": cfg.to_dict(), "model": model_cfg.name, "exported": exported}
+               "config": cfg.to_dict(), "model": model_cfg.name, "stage": cfg.stage.release, "exported": exported}
     if info.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

@@ -59,12 +59,13 @@ class Prepared:
     features: Any = None  # list of per-encoder features | PooledFeatures | None
 
 
-def _micro_flops(cfg, batch: Batch, num_visual: int, encoders_run: bool = True) -> float:
+def _micro_flops(cfg, batch: Batch, num_visual: int, encoders_run: bool = True, llm_trained: bool = True) -> float:
     lengths = batch.attention_mask.sum(dim=1).tolist()
     visual = num_visual > 0
     encoders = sum(encoder_forward_flops(e) for e in cfg.encoders) if encoders_run else 0  # 0: the feature cache
     per_sample_fixed = (encoders + visual_path_flops(cfg)) if visual else 0
-    return float(sum(llm_train_flops(cfg.llm, int(n) + num_visual) + per_sample_fixed for n in lengths))
+    return float(sum(llm_train_flops(cfg.llm, int(n) + num_visual, weight_grads=llm_trained) + per_sample_fixed
+                     for n in lengths))
 
 
 def _grad_norm_value(norm) -> float:
@@ -94,6 +95,7 @@ class Stepper:
         self.autocast_dtype = autocast_dtype
         self.timer = timer or PhaseTimer(device)
         self.params = [p for p in module.parameters() if p.requires_grad]
+        self.llm_trained = any(p.requires_grad for p in self.merv.llm.parameters())  # False: align (FLOPs)
         # Training from the feature cache: batch -> PooledFeatures on the device (the encoders never run).
         self.feature_source: Callable[[Batch, torch.device], Any] | None = None
         # encoders.prefetch: on CUDA, the prefetcher's side stream runs the next micro-batch's encoders while this
@@ -143,7 +145,8 @@ class Stepper:
             counts[1] += len(mb)
             counts[2] += float(mb.attention_mask.sum())
             counts[3] += v * len(mb)
-            flops += _micro_flops(self.cfg, mb, v, encoders_run=self.feature_source is None)
+            flops += _micro_flops(self.cfg, mb, v, encoders_run=self.feature_source is None,
+                                  llm_trained=self.llm_trained)
         counts[0] = sum(local_targets)
         counts[4] = flops
         with phase("comm"):

@@ -55,6 +55,14 @@ EXPECTED_TURNS = {
         "<|start_header_id|>user<|end_header_id|>\n\nWhy?<|eot_id|><|start_header_id|>assistant<|end_header_id|>",
         "<|eot_id|>",
     ],
+    "llama2-chat": [
+        "<s>[INST] <<SYS>\n" + MERV_CHAT_SYSTEM_PROMPT + "\n<</SYS>>\n\n<video>\nWhat is the man doing? [/INST]",
+        "He is playing a guitar.</s>",
+        "<s>[INST] What color is it? [/INST]",
+        "It is blue.</s>",
+        "<s>[INST] Why? [/INST]",
+        " </s>",
+    ],
     "qwen25-chat": [
         "<|im_start|>user\n<video>\nWhat is the man doing?<|im_end|>\n<|im_start|>assistant",
         "He is playing a guitar.<|im_end|>",
@@ -87,6 +95,12 @@ EXPECTED_PROMPTS = {
         "<|start_header_id|>user<|end_header_id|>\n\nWhy?<|eot_id|>"
         "<|start_header_id|>assistant<|end_header_id|>\n\n<|eot_id|>"
     ),
+    "llama2-chat": (  # `get_prompt()` drops the leading `<s>` only; the later turns keep theirs
+        "[INST] <<SYS>\n" + MERV_CHAT_SYSTEM_PROMPT + "\n<</SYS>>\n\n<video>\nWhat is the man doing? [/INST] "
+        "He is playing a guitar.</s>"
+        "<s>[INST] What color is it? [/INST] It is blue.</s>"
+        "<s>[INST] Why? [/INST]  </s>"
+    ),
     "qwen25-chat": (
         "<|im_start|>system\n" + MERV_CHAT_SYSTEM_PROMPT + "<|im_end|>\n"
         "<|im_start|>user\n<video>\nWhat is the man doing?<|im_end|>\n<|im_start|>assistant\n"
@@ -97,7 +111,8 @@ EXPECTED_PROMPTS = {
     ),
 }
 
-END_OF_TURN = {"llama2-base": "</s>", "vicuna-v15": "</s>", "llama3-chat": "<|eot_id|>", "qwen25-chat": "<|im_end|>"}
+END_OF_TURN = {"llama2-base": "</s>", "vicuna-v15": "</s>", "llama3-chat": "<|eot_id|>", "qwen25-chat": "<|im_end|>",
+               "llama2-chat": "</s>"}
 
 
 @pytest.fixture(scope="module")
@@ -123,9 +138,11 @@ def test_eval_prompt_ends_ready_for_the_answer():
     assert build_prompt(question, "llama2-base") == "In: <video>\nWhat happens?\nOut:"
     assert build_prompt(question, "vicuna-v15").endswith("USER: <video>\nWhat happens? ASSISTANT:")
     assert build_prompt(question, "qwen25-chat").endswith("<|im_start|>assistant\n")
+    assert build_prompt(question, "llama2-chat") == ("[INST] <<SYS>\n" + MERV_CHAT_SYSTEM_PROMPT +
+                                                     "\n<</SYS>>\n\n<video>\nWhat happens? [/INST]")
 
 
-@pytest.mark.parametrize("fmt", ["llama2-base", "vicuna-v15"])
+@pytest.mark.parametrize("fmt", ["llama2-base", "vicuna-v15", "llama2-chat"])
 def test_video_tag_kept_image_tag_stripped(fmt):
     prompt = build_prompt(CONVERSATION, fmt)
     assert "<video>" in prompt and "<image>" not in prompt
@@ -152,13 +169,28 @@ def test_labels_supervise_only_gpt_turns(tokenizer, fmt, has_visual):
         expected_ids += turn
         expected_labels += turn if index % 2 else [IGNORE_INDEX] * len(turn)
     assert ids == expected_ids and labels == expected_labels
-    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1  # BOS on turn 0 only
+    # BOS from the tokenizer on turn 0 only; llama2-chat's literal `<s>` opens every human turn on top of that.
+    literal_bos = 3 if fmt == "llama2-chat" else 0
+    assert ids[0] == tokenizer.bos_token_id and ids.count(tokenizer.bos_token_id) == 1 + literal_bos
     assert labels[0] == IGNORE_INDEX
     # Every gpt turn is supervised through its end-of-turn token; human turns never are.
     end_id = tokenizer.convert_tokens_to_ids(END_OF_TURN[fmt])
     supervised_ends = [i for i, (tok, lab) in enumerate(zip(ids, labels)) if tok == end_id and lab == end_id]
     assert len(supervised_ends) == 3
     assert labels[-1] == end_id
+
+
+def test_llama2_chat_quirks_and_their_fix(tokenizer):
+    """The release's `[INST]` builder: `<<SYS>` (one `>` short) and a literal `<s>` before the first `[INST]`, which a
+    Llama-2 tokenizer reads as a second BOS; release_quirks=False writes Llama-2's own `<<SYS>>` and one BOS."""
+    ids, _ = tokenize_conversation(CONVERSATION, tokenizer, "llama2-chat", 4096, has_visual=True)
+    bos = tokenizer.bos_token_id
+    assert ids[:3].count(bos) == 2 and ids[:2] == [bos, bos]
+    fixed_turns = wrap_turns(CONVERSATION, "llama2-chat", release_quirks=False)
+    assert fixed_turns[0].startswith("[INST] <<SYS>>\n" + MERV_CHAT_SYSTEM_PROMPT + "\n<</SYS>>\n\n")
+    assert fixed_turns[2].startswith("<s>[INST] ") and "<video>" not in fixed_turns[0]
+    fixed_ids, _ = tokenize_conversation(CONVERSATION, tokenizer, "llama2-chat", 4096, True, release_quirks=False)
+    assert fixed_ids[0] == bos and fixed_ids[1] != bos
 
 
 def test_truncation_at_max_length(tokenizer):
@@ -204,7 +236,7 @@ def test_malformed_conversations_name_the_turn(tokenizer, conversation, index):
 def test_empty_conversation_and_unknown_format(tokenizer):
     with pytest.raises(ValueError, match="non-empty"):
         tokenize_conversation([], tokenizer, "llama2-base", 64, True)
-    with pytest.raises(ValueError, match="llama2-base.*vicuna-v15.*llama3-chat.*qwen25-chat"):
-        build_prompt(CONVERSATION, "llama2-chat")
+    with pytest.raises(ValueError, match="llama2-base.*vicuna-v15.*llama3-chat.*qwen25-chat.*llama2-chat"):
+        build_prompt(CONVERSATION, "mistral-instruct")
     with pytest.raises(ValueError, match="unknown prompt format"):
         tokenize_conversation(CONVERSATION, tokenizer, "mistral", 64, True)

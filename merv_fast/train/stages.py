@@ -1,0 +1,83 @@
+"""A recipe's stage applied to the model: what it freezes and what `init_from` loads, as the release's
+`freeze_backbones` and `load_from_checkpoint` (merv/models/vidlms/merv.py) do for its `--stage`s.
+
+- align: the LLM is frozen; the projectors and the fusion train (its `trainable_module_keys`).
+- full-align, finetune, second_finetune: projectors, fusion and LLM train. The encoders are always frozen.
+- finetune continues an align run by loading ONLY its projectors (`self.projectors.load_state_dict(...)`): the
+  fusion and the LLM start from their initial weights, whatever else the checkpoint holds.
+- second_finetune loads projectors, LLM and fusion (`pretrained_checkpoint`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from merv_fast.train.config import Stage
+
+PROJECTORS = "visual.projectors."  # our names of the weights a finetune stage reloads
+
+
+def freeze_for_stage(model, stage: Stage) -> None:
+    """Freeze what `stage` does not train (before the optimizer and FSDP see the parameters)."""
+    if not stage.train_llm:
+        model.llm.requires_grad_(False)
+
+
+def apply_recipe(model, recipe: str) -> str:
+    """Freeze `model` as `recipe`'s stage trains it (for `merv-fast info --recipe`); returns the release's stage name."""
+    from merv_fast.train.config import make_train_config
+
+    stage = make_train_config(recipe).stage
+    freeze_for_stage(model, stage)
+    return stage.release
+
+
+def load_initial_weights(model, path: str | Path, stage: Stage) -> Path:
+    """Load `init_from` as `stage` does (every trained weight, or only the projectors); returns the file read."""
+    from merv_fast.eval.weights import load_weights
+
+    if stage.init_loads == "all":
+        return load_weights(model, path)
+    return load_projectors(model, path)
+
+
+def load_projectors(model, path: str | Path) -> Path:
+    """Only the projectors of a training run (its checkpoint directory), our safetensors export or a release
+    checkpoint (its `projectors` group); every projector weight must be there with its shape."""
+    from merv_fast.eval.weights import load_training_checkpoint, resolve_weights
+    from merv_fast.model.release import ReleaseCheckpointError, flatten_release, read_release_checkpoint, \
+        release_to_ours
+
+    path = resolve_weights(path)
+    expected = {n: t for n, t in model.state_dict().items() if n.startswith(PROJECTORS)}
+    if path.is_dir():
+        load_training_checkpoint(model, path, prefix=PROJECTORS)
+        return path
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        found = {k: v for k, v in load_file(str(path)).items() if k.startswith(PROJECTORS)}
+        names = {k: k for k in found}
+    else:
+        flat = flatten_release(read_release_checkpoint(path))
+        found, names = {}, {}
+        for key, value in flat.items():
+            if key.startswith("projectors."):
+                ours = release_to_ours(key)
+                if ours is None or ours not in expected:
+                    raise ReleaseCheckpointError(f"{path}: key {key!r} has no place in model {model.config.name!r}")
+                found[ours], names[ours] = value, key
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"{path}: the projectors do not fit model {model.config.name!r}: missing {missing[:4]}, "
+                         f"unexpected {[names[k] for k in unexpected[:4]]}")
+    for name, value in found.items():
+        if tuple(value.shape) != tuple(expected[name].shape):
+            raise ValueError(f"{path}: key {names[name]!r} has shape {tuple(value.shape)}, model "
+                             f"{model.config.name!r} expects {tuple(expected[name].shape)}")
+    with torch.no_grad():
+        model.load_state_dict(found, strict=False)
+    return path
