@@ -204,12 +204,15 @@ def rows(compilations: list[Compilation], results: list[dict], unlaunched: list[
         if "error" in result:
             row["problems"].append(f"compile error: {result['error']}")
             continue
-        info = CompiledInfo(**{f.name: result[f.name] for f in dataclasses.fields(CompiledInfo)})
         for field in ("registers", "spill_stores", "spill_loads", "shared_bytes"):
-            row[field] = max(row[field], getattr(info, field))
-        row["tensor_core"] = row["tensor_core"] or info.tensor_core
-        row["tma"] = row["tma"] or info.tma
-        row["problems"] += [p for p in limit_problems(info, comp.target) if p not in row["problems"]]
+            row[field] = max(row[field], result[field])
+        row["num_warps"] = result["num_warps"]  # a config's, the same in all its compilations
+        row["tensor_core"] = row["tensor_core"] or result["tensor_core"]
+        row["tma"] = row["tma"] or result["tma"]
+    for (_, _, target), row in grouped.items():  # the limits, checked on the row's worst case
+        if "num_warps" in row:
+            worst = CompiledInfo(**{f.name: row[f.name] for f in dataclasses.fields(CompiledInfo)})
+            row["problems"] += limit_problems(worst, target)
     out = [{**r, "cases": sorted(r["cases"])} for r in grouped.values()]
     out.sort(key=lambda r: (r["kernel"], r["config"], r["target"]))
     for name in unlaunched:
