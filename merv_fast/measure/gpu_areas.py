@@ -147,6 +147,8 @@ def train_area(results: ResultsFile, ceilings: dict) -> None:
                        samples_per_s=merv["samples_per_s"], tokens_per_s=merv["tokens_per_s"], mfu=merv["mfu"]))
 
 
+import merv_fast.measure.smoke_areas  # noqa: E402,F401 - registers "kernel-smoke", which "train" follows
+
 # The headline first: the training step right after the kernel smoke test, then the visual path; the encoders'
 # forward after the full GPU tests (estimates: seconds on an H100, model builds and first compiles included).
 register_area("train", train_area, budget_s=300, after="kernel-smoke", estimate_s=180)
