@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import inspect
 import os
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -81,6 +83,40 @@ def triton_available() -> tuple[bool, str]:
 def interpreter_enabled() -> bool:
     """Triton's own switch: with TRITON_INTERPRET=1 its kernels run in a NumPy interpreter on CPU tensors."""
     return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
+@functools.lru_cache(maxsize=None)
+def interpreter_compat() -> str | None:
+    """Make this triton's interpreter work with this numpy, once per process; returns what was done, or None.
+
+    triton 3.6's interpreter gives its scalar tensors `__index__ = int(data)` on a 1-element 1-D array, which numpy
+    2.4 refuses ("only 0-dimensional arrays can be converted to Python scalars"): every `range()` over a runtime
+    integer fails. Newer triton squeezes the array first; this applies that same fix to the older interpreter, and
+    says so (a warning), only where both conditions hold.
+    """
+    import numpy as np
+    from triton.runtime import interpreter
+
+    try:
+        int(np.zeros(1))
+        return None  # this numpy still converts size-1 arrays
+    except TypeError:
+        pass
+    patch_tensor = interpreter._patch_lang_tensor
+    if "int(self.handle.data))" not in inspect.getsource(patch_tensor):
+        return None  # this triton's interpreter squeezes already
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patched
+    import triton
+
+    done = (f"triton {triton.__version__}'s interpreter converts 1-element arrays with int(), which numpy "
+            f"{np.__version__} refuses; applied newer triton's fix (squeeze first) for this process")
+    warnings.warn(done, stacklevel=2)
+    return done
 
 
 def resolve_backend(*tensors: torch.Tensor) -> str:

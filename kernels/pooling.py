@@ -17,6 +17,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .aot import launch
 from .dispatch import interpreter_enabled, resolve_backend
 
 
@@ -177,14 +178,18 @@ def _pool_forward_kernel(
 # (t, n) of g[t', q, c] / volume(t', q), with g = grad_pooled + grad_means / L. The spatial membership does not depend
 # on t', so for each frame t the program first folds the temporal windows containing t into
 # G[q, c] = sum_t' g[t', q, c] / (frames(t') * cells(q)), then each chunk of BLOCK_N tokens is one product
-# inside^T[n, q] @ G[q, c], in fp32 (G is not exact in half precision; the backward is not on the hot path).
+# inside^T[n, q] @ G[q, c] with fp32 accumulation. G is not exact in half precision, so the product's inputs are TF32
+# (tensor cores; the 0/1 matrix is exact, G keeps 10 of its 23 mantissa bits) when the gradient is stored in fp16 or
+# bf16, whose own rounding (11 and 8 bits) is as coarse or coarser, and IEEE fp32 (FMA) for fp32 gradients. The
+# FMA form is compute-bound: 2 * BLOCK_Q = 128 FLOPs per element written (2 bytes in bf16) is 64 FLOP/B, above an
+# H100's fp32-FMA ridge of 67 TFLOP/s / 3.35 TB/s = 20 FLOP/B, and below its TF32 tensor-core ridge of ~150 FLOP/B.
 def _pool_backward_kernel(
     grad_pooled_ptr, grad_means_ptr, grad_x_ptr,
     stride_gb, stride_gl, stride_gk,
     stride_mb, stride_mk,
     stride_xb, stride_xt, stride_xn, stride_xc,
     T, H, W, C, T_OUT, H_OUT, W_OUT, col_offset, inv_tokens, frames_per_program,
-    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr,
+    BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_C: tl.constexpr, TF32_PRODUCT: tl.constexpr,
 ):
     pid_c = tl.program_id(0)
     first_t = tl.program_id(1) * frames_per_program
@@ -223,7 +228,10 @@ def _pool_backward_kernel(
             w = n % W
             inside_t = ((h[:, None] >= h_lo[None, :]) & (h[:, None] < h_hi[None, :])
                         & (w[:, None] >= w_lo[None, :]) & (w[:, None] < w_hi[None, :]))
-            grad_x = tl.dot(inside_t.to(tl.float32), folded, input_precision="ieee")
+            if TF32_PRODUCT:
+                grad_x = tl.dot(inside_t.to(tl.float32), folded, input_precision="tf32")
+            else:
+                grad_x = tl.dot(inside_t.to(tl.float32), folded, input_precision="ieee")
             tl.store(x_base + n[:, None] * stride_xn, grad_x.to(grad_x_ptr.dtype.element_ty),
                      mask=(n < H * W)[:, None] & c_valid[None, :])
 
@@ -244,10 +252,16 @@ def _pow2_at_least(n: int, floor: int = 16) -> int:
     return max(floor, 1 << (n - 1).bit_length())
 
 
-def _cuda_configs(triton):
+# (BLOCK_N, BLOCK_C, warps, stages) per kernel: only configs that compile without register spills on sm_90 and sm_80
+# at the model's shapes (`merv-fast kernels check`). The forward holds the [64, BLOCK_C] fp32 windows accumulator and
+# the [64, BLOCK_N] membership matrix; the backward the folded [64, BLOCK_C] gradient and a [BLOCK_N, BLOCK_C] result.
+_FORWARD_CONFIGS = [(32, 64, 4, 3), (64, 128, 8, 3), (64, 64, 8, 3), (32, 128, 8, 3)]
+_BACKWARD_CONFIGS = [(64, 64, 4, 3), (64, 128, 8, 3), (32, 128, 4, 4), (64, 32, 4, 3), (128, 64, 8, 2)]
+
+
+def _cuda_configs(triton, table):
     return [triton.Config({"BLOCK_N": n, "BLOCK_C": c}, num_warps=warps, num_stages=stages)
-            for n, c, warps, stages in [(64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3), (32, 128, 4, 4),
-                                        (64, 32, 4, 3), (128, 64, 8, 2)]]
+            for n, c, warps, stages in table]
 
 
 @functools.lru_cache(maxsize=None)
@@ -261,8 +275,8 @@ def _triton_kernels():
     forward = triton.jit(_pool_forward_kernel)
     backward = triton.jit(_pool_backward_kernel)
     if not interpreter_enabled():
-        forward = triton.autotune(_cuda_configs(triton), key=_AUTOTUNE_KEY)(forward)
-        backward = triton.autotune(_cuda_configs(triton), key=_AUTOTUNE_KEY)(backward)
+        forward = triton.autotune(_cuda_configs(triton, _FORWARD_CONFIGS), key=_AUTOTUNE_KEY)(forward)
+        backward = triton.autotune(_cuda_configs(triton, _BACKWARD_CONFIGS), key=_AUTOTUNE_KEY)(backward)
     return forward, backward
 
 
@@ -278,7 +292,7 @@ def _launch(kernel, tokens: int, channels: int, frames: int, batch: int, *args, 
     def grid(chosen):
         return (-(-channels // chosen["BLOCK_C"]), -(-frames // frames_per_program), batch)
 
-    kernel[grid](*args, frames_per_program, **constexprs, **meta)
+    launch(kernel, grid, *args, frames_per_program, **constexprs, **meta)
 
 
 def _window_block(size) -> int:
@@ -333,7 +347,7 @@ def pool_concat_backward_triton(grad_pooled: torch.Tensor, grad_means: torch.Ten
         _launch(backward, h * w, c, t, batch,
                 grad_pooled, grad_means, grad_x, *grad_pooled.stride(), *grad_means.stride(), *grad_x.stride(),
                 t, h, w, c, t_out, h_out, w_out, col_offset, 1.0 / tokens,
-                BLOCK_Q=_window_block(size))
+                BLOCK_Q=_window_block(size), TF32_PRODUCT=grad_pooled.dtype in (torch.float16, torch.bfloat16))
         col_offset += c
     return grads_out
 
@@ -419,3 +433,12 @@ def pool_concat(features: list[torch.Tensor], grids: list[tuple[int, int]],
     """
     _checked_inputs(features, grids, size)
     return _pool_concat_op(list(features), [d for g in grids for d in g], list(size))
+
+
+def aot_launches(model) -> None:
+    """The launches the model makes (kernels/aot.py records them on meta tensors): every encoder's features pooled
+    into the concatenated buffer, and their gradient."""
+    features = [model.empty(model.batch, e.time_steps, e.grid[0] * e.grid[1], e.channels) for e in model.encoders]
+    grids = [e.grid for e in model.encoders]
+    pooled, means = pool_concat_triton(features, grids, model.pool_size)
+    pool_concat_backward_triton(pooled, means, [tuple(f.shape) for f in features], grids, model.pool_size)

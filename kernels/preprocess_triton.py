@@ -10,7 +10,7 @@ Wh [S, W] banded matrices whose rows hold torch's filter taps (the center crop j
 matrices). The host computes the taps once per (frame size, spec geometry), in float64, and keeps them on the device
 as dense fp32 matrices plus each output row's/column's band of source indices [lo, hi) (`_resize_tables`).
 
-Kernel: one program per (sample and output frame, output column tile, output row tile), all three channels. It
+Kernel: one program per (sample, output frame and colour channel, output column tile, output row tile). It
 takes the union of its rows' source bands and of its columns' source bands, and walks that source window in chunks:
 for each chunk of source columns it gathers the uint8 pixels of every band row chunk, applies the vertical weights
 (v = Wv[rows, band] @ pixels), then the horizontal ones (acc += v @ Wh^T[band, cols]); both products are fp32 with
@@ -34,6 +34,7 @@ import functools
 import numpy as np
 import torch
 
+from .aot import launch
 from .dispatch import interpreter_enabled
 from .preprocess import EncoderInputSpec, _check_inputs, output_shapes, short_side_geometry
 
@@ -157,11 +158,15 @@ def _preprocess_kernel(
     HAS_FLIP: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_KR: tl.constexpr, BLOCK_KC: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)  # sample and output frame: the large axis goes first (axes 1 and 2 stop at 65535)
-    b = pid_n // T_OUT
-    t_out = pid_n % T_OUT
+    # Axis 0: sample, output frame and colour channel (the large axis goes first: axes 1 and 2 stop at 65535). One
+    # channel per program keeps two fp32 tiles live (v and acc) instead of six: no register spills at 64-wide tiles.
+    pid_n = tl.program_id(0)
+    channel = pid_n % 3
+    b = pid_n // (3 * T_OUT)
+    t_out = (pid_n // 3) % T_OUT
     # 64-bit base offsets: B*T*H*W*3 passes 2**31 for a batch of long high-resolution clips.
-    frame = frames_ptr + b.to(tl.int64) * stride_fb + (t_out * frame_stride).to(tl.int64) * stride_ft
+    frame = (frames_ptr + b.to(tl.int64) * stride_fb + (t_out * frame_stride).to(tl.int64) * stride_ft
+             + channel * stride_fc)
 
     r = tl.program_id(2) * BLOCK_R + tl.arange(0, BLOCK_R)
     r_valid = r < S
@@ -180,41 +185,29 @@ def _preprocess_kernel(
     col_lo = tl.min(tl.load(col_lo_ptr + src_col, mask=j_valid, other=W), axis=0)
     col_hi = tl.max(tl.load(col_hi_ptr + src_col, mask=j_valid, other=0), axis=0)
 
-    acc0 = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    acc1 = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-    acc2 = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
     for k0 in range(col_lo, col_hi, BLOCK_KC):
         k = k0 + tl.arange(0, BLOCK_KC)
         k_valid = k < W
         # Columns of the chunk outside some output column's band have weight 0 in Wh (it is dense), so the chunk may
         # overrun the bands freely; only reads past the frame's edge need masking.
         wh = tl.load(wh_ptr + k[:, None] * S + src_col[None, :], mask=k_valid[:, None] & j_valid[None, :], other=0.0)
-        v0 = tl.zeros((BLOCK_R, BLOCK_KC), dtype=tl.float32)
-        v1 = tl.zeros((BLOCK_R, BLOCK_KC), dtype=tl.float32)
-        v2 = tl.zeros((BLOCK_R, BLOCK_KC), dtype=tl.float32)
+        v = tl.zeros((BLOCK_R, BLOCK_KC), dtype=tl.float32)
         for h0 in range(row_lo, row_hi, BLOCK_KR):
             h = h0 + tl.arange(0, BLOCK_KR)
             h_valid = h < H
             wv = tl.load(wv_ptr + r[:, None] * H + h[None, :], mask=r_valid[:, None] & h_valid[None, :], other=0.0)
-            pixels = frame + h[:, None] * stride_fh + k[None, :] * stride_fw
-            in_frame = h_valid[:, None] & k_valid[None, :]
-            x0 = tl.load(pixels, mask=in_frame, other=0).to(tl.float32)
-            x1 = tl.load(pixels + stride_fc, mask=in_frame, other=0).to(tl.float32)
-            x2 = tl.load(pixels + 2 * stride_fc, mask=in_frame, other=0).to(tl.float32)
-            v0 = tl.dot(wv, x0, v0, input_precision="ieee")
-            v1 = tl.dot(wv, x1, v1, input_precision="ieee")
-            v2 = tl.dot(wv, x2, v2, input_precision="ieee")
-        acc0 = tl.dot(v0, wh, acc0, input_precision="ieee")
-        acc1 = tl.dot(v1, wh, acc1, input_precision="ieee")
-        acc2 = tl.dot(v2, wh, acc2, input_precision="ieee")
+            x = tl.load(frame + h[:, None] * stride_fh + k[None, :] * stride_fw,
+                        mask=h_valid[:, None] & k_valid[None, :], other=0).to(tl.float32)
+            v = tl.dot(wv, x, v, input_precision="ieee")
+        acc = tl.dot(v, wh, acc, input_precision="ieee")
 
-    out = (out_ptr + b.to(tl.int64) * stride_ob + t_out.to(tl.int64) * stride_ot
+    # (x/255 - mean) / std as one multiply-add, with this channel's constants.
+    scale = tl.where(channel == 0, scale0, tl.where(channel == 1, scale1, scale2))
+    shift = tl.where(channel == 0, shift0, tl.where(channel == 1, shift1, shift2))
+    out = (out_ptr + b.to(tl.int64) * stride_ob + t_out.to(tl.int64) * stride_ot + channel * stride_oc
            + r[:, None] * stride_oh + j[None, :] * stride_ow)
-    out_mask = r_valid[:, None] & j_valid[None, :]
-    dtype = out_ptr.dtype.element_ty
-    tl.store(out, (acc0 * scale0 + shift0).to(dtype), mask=out_mask)
-    tl.store(out + stride_oc, (acc1 * scale1 + shift1).to(dtype), mask=out_mask)
-    tl.store(out + 2 * stride_oc, (acc2 * scale2 + shift2).to(dtype), mask=out_mask)
+    tl.store(out, (acc * scale + shift).to(out_ptr.dtype.element_ty), mask=r_valid[:, None] & j_valid[None, :])
 
 
 # One small config in the interpreter (every extra config is a full interpreted run); a short autotune list on CUDA.
@@ -226,10 +219,14 @@ _AUTOTUNE_KEY = ["H", "W", "S"]
 def _cuda_configs(triton):
     return [triton.Config({"BLOCK_R": r, "BLOCK_C": c, "BLOCK_KR": kr, "BLOCK_KC": kc}, num_warps=warps,
                           num_stages=stages)
-            for r, c, kr, kc, warps, stages in [(32, 32, 32, 32, 4, 2), (32, 64, 32, 32, 4, 2),
-                                                (64, 32, 32, 32, 4, 2), (64, 64, 32, 32, 8, 2),
-                                                (32, 32, 64, 32, 4, 2), (32, 32, 16, 32, 4, 3),
-                                                (16, 32, 32, 32, 2, 2)]]
+            for r, c, kr, kc, warps, stages in _CUDA_CONFIGS]
+
+
+# (BLOCK_R, BLOCK_C, BLOCK_KR, BLOCK_KC, warps, stages): the configs that compile without register spills on sm_90
+# and sm_80 with triton 3.6 and 3.9 (`merv-fast kernels check`); the IEEE fp32 products keep their operands in
+# registers, so 64-tall row tiles take 16-deep band chunks (32-deep ones spill), no chunk is 64 deep, and 2 warps
+# or 32x64 tiles at 4 warps spill under triton 3.6.
+_CUDA_CONFIGS = [(32, 32, 32, 32, 4, 2), (32, 32, 16, 32, 4, 3), (64, 64, 16, 32, 8, 2), (64, 32, 16, 32, 4, 2)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -281,10 +278,17 @@ def preprocess_triton(frames: torch.Tensor, specs: list[EncoderInputSpec], flip:
         shifts = [-m / s for m, s in zip(spec.mean, spec.std)]
 
         def grid(chosen, size=size, t_out=t_out):
-            return (batch * t_out, -(-size // chosen["BLOCK_C"]), -(-size // chosen["BLOCK_R"]))
+            return (batch * t_out * 3, -(-size // chosen["BLOCK_C"]), -(-size // chosen["BLOCK_R"]))
 
-        kernel[grid](frames, buf, flip_dev if has_flip else frames, *tables,
+        launch(kernel, grid, frames, buf, flip_dev if has_flip else frames, *tables,
                      *frames.stride(), *buf.stride(),
                      h, w, size, t_out, spec.frame_stride, *scales, *shifts,
                      HAS_FLIP=has_flip, **meta)
     return out
+
+
+def aot_launches(model) -> None:
+    """The launch the data pipeline makes (kernels/aot.py records it on meta tensors): decoded uint8 frames of
+    `model.frame_size` into every encoder's input, LanguageBind's flip included."""
+    frames = model.empty(model.batch, model.frames_sampled, *model.frame_size, 3, dtype=torch.uint8)
+    preprocess_triton(frames, list(model.input_specs), model.empty(model.batch, dtype=torch.bool))

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .aot import launch
 from .dispatch import interpreter_enabled
 
 
@@ -103,9 +104,9 @@ def _forward_kernel(pooled_ptr, scales_ptr, weight_ptr, bias_mix_ptr, out_ptr,
              acc.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
 
 
+# 64x128 and 64x256 tiles at 4 warps spill on sm_80 under triton 3.6 (`merv-fast kernels check`): not offered.
 _forward_tuned = _tuned(_forward_kernel, _configs([
-    (128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 256, 64, 4, 4),
-    (128, 64, 64, 4, 4), (64, 128, 64, 4, 4), (64, 64, 32, 4, 4),
+    (128, 128, 64, 4, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 64, 64, 4, 4), (64, 64, 32, 4, 4),
 ], ("BLOCK_L", "BLOCK_D", "BLOCK_K")), key=["L", "K", "D", "DOT_IN_FP32"])
 
 
@@ -119,11 +120,11 @@ def forward(pooled: torch.Tensor, scales: torch.Tensor, weight: torch.Tensor, bi
     if interpreter_enabled():
         blocks = dict(BLOCK_L=_INTERPRETER_BLOCKS, BLOCK_D=_INTERPRETER_BLOCKS, BLOCK_K=_INTERPRETER_BLOCKS)
         grid = (triton.cdiv(length, blocks["BLOCK_L"]) * triton.cdiv(d, blocks["BLOCK_D"]), b)
-        _forward_kernel[grid](*args, **blocks, GROUP_L=8, DOT_IN_FP32=_dot_in_fp32(pooled.dtype))
+        launch(_forward_kernel, grid, *args, **blocks, GROUP_L=8, DOT_IN_FP32=_dot_in_fp32(pooled.dtype))
     else:
         def grid(meta):
             return (triton.cdiv(length, meta["BLOCK_L"]) * triton.cdiv(d, meta["BLOCK_D"]), b)
-        _forward_tuned[grid](*args, GROUP_L=8, DOT_IN_FP32=_dot_in_fp32(pooled.dtype))
+        launch(_forward_tuned, grid, *args, GROUP_L=8, DOT_IN_FP32=_dot_in_fp32(pooled.dtype))
     return out
 
 
@@ -181,7 +182,7 @@ def _weight_mix_grad_kernel(pooled_ptr, grad_out_ptr, scales_ptr, weight_ptr,
             # The weight tile is re-read per sample (from L2) rather than held: a third fp32 tile of registers
             # would spill at the tile sizes that keep the tensor cores busy.
             w = tl.load(weight_ptr + ds[:, None] * stride_wd + ks[None, :] * stride_wk, mask=tile_ok, other=0.0)
-            tl.store(mix_cols_row, tl.sum(product * w.to(tl.float32), axis=0), mask=k_ok)
+            tl.store(mix_cols_row, tl.sum(product * w, axis=0), mask=k_ok)
         if pid_k == 0:
             tl.store(colsum_row, colsum, mask=d_ok)
         grad_rows += stride_gb
@@ -192,10 +193,11 @@ def _weight_mix_grad_kernel(pooled_ptr, grad_out_ptr, scales_ptr, weight_ptr,
     tl.store(grad_weight_ptr + ds[:, None] * K + ks[None, :], grad_w, mask=tile_ok)
 
 
-_WEIGHT_GRAD_CONFIGS = [  # (BLOCK_D, BLOCK_K, BLOCK_L, warps, stages)
-    (128, 128, 64, 8, 3), (128, 128, 32, 8, 4), (128, 128, 64, 4, 3), (64, 128, 64, 4, 4),
-    (128, 64, 64, 4, 4), (64, 64, 32, 4, 4),
-]
+# (BLOCK_D, BLOCK_K, BLOCK_L, warps, stages). Two fp32 [BLOCK_D, BLOCK_K] tiles (this sample's product and the
+# weight gradient) live through the loop, plus the weight tile for the mix. `merv-fast kernels check`: 128x128 tiles
+# spill at 4 and 8 warps everywhere; 128x64, 64x128 (8 warps) and 64x64x64 compile spill-free with triton 3.9 but
+# spill on sm_80 with triton 3.6 (the GPU machines' version), so only the config clean on both is offered.
+_WEIGHT_GRAD_CONFIGS = [(64, 64, 32, 4, 4)]
 _weight_mix_grad_tuned = _tuned(_weight_mix_grad_kernel, _configs(_WEIGHT_GRAD_CONFIGS,
                                                                   ("BLOCK_D", "BLOCK_K", "BLOCK_L")),
                                 key=["L", "K", "D", "WITH_MIX_GRAD", "DOT_IN_FP32"],
@@ -222,7 +224,7 @@ def weight_mix_grad(pooled: torch.Tensor, grad_out: torch.Tensor, scales: torch.
         if not with_mix_grad:
             mix_cols.zero_()
         grid = (triton.cdiv(k, blocks["BLOCK_K"]), mix_rows)
-        _weight_mix_grad_kernel[grid](pooled, grad_out, scales, weight, grad_weight, mix_cols, grad_colsum,
+        launch(_weight_mix_grad_kernel, grid, pooled, grad_out, scales, weight, grad_weight, mix_cols, grad_colsum,
                                       b, length, k, d, mix_rows, *pooled.stride(), *grad_out.stride(),
                                       *weight.stride(), **blocks, WITH_MIX_GRAD=with_mix_grad,
                                       DOT_IN_FP32=dot_fp32)
@@ -234,7 +236,7 @@ def weight_mix_grad(pooled: torch.Tensor, grad_out: torch.Tensor, scales: torch.
 
         def grid(meta):
             return (triton.cdiv(k, meta["BLOCK_K"]), triton.cdiv(d, meta["BLOCK_D"]))
-        _weight_mix_grad_tuned[grid](pooled, grad_out, scales, weight, grad_weight, mix_cols, grad_colsum,
+        launch(_weight_mix_grad_tuned, grid, pooled, grad_out, scales, weight, grad_weight, mix_cols, grad_colsum,
                                      b, length, k, d, mix_rows, *pooled.stride(), *grad_out.stride(),
                                      *weight.stride(), WITH_MIX_GRAD=with_mix_grad, DOT_IN_FP32=dot_fp32)
     return grad_weight, mix_cols.sum(1), grad_colsum
@@ -304,9 +306,21 @@ def pooled_grad(grad_out: torch.Tensor, scales: torch.Tensor, weight: torch.Tens
     if interpreter_enabled():
         blocks = dict(BLOCK_L=_INTERPRETER_BLOCKS, BLOCK_K=_INTERPRETER_BLOCKS, BLOCK_D=_INTERPRETER_BLOCKS)
         grid = (triton.cdiv(length, blocks["BLOCK_L"]) * triton.cdiv(k, blocks["BLOCK_K"]), b)
-        _pooled_grad_kernel[grid](*args, **blocks, GROUP_L=8, DOT_IN_FP32=dot_fp32)
+        launch(_pooled_grad_kernel, grid, *args, **blocks, GROUP_L=8, DOT_IN_FP32=dot_fp32)
     else:
         def grid(meta):
             return (triton.cdiv(length, meta["BLOCK_L"]) * triton.cdiv(k, meta["BLOCK_K"]), b)
-        _pooled_grad_tuned[grid](*args, GROUP_L=8, DOT_IN_FP32=dot_fp32)
+        launch(_pooled_grad_tuned, grid, *args, GROUP_L=8, DOT_IN_FP32=dot_fp32)
     return grad_pooled
+
+
+def aot_launches(model) -> None:
+    """The launches the model makes (kernels/aot.py records them on meta tensors): the forward on the pooled buffer,
+    the weight (+ mix, with several encoders) gradient and the pooled gradient."""
+    batch, tokens = model.batch, model.pool_size[0] * model.pool_size[1] * model.pool_size[2]
+    k, d = sum(e.channels for e in model.encoders), model.llm_hidden
+    pooled, weight = model.empty(batch, tokens, k), model.empty(d, k)
+    scales = model.empty(batch, k, dtype=torch.float32)
+    out = forward(pooled, scales, weight, model.empty(batch, d, dtype=torch.float32))
+    weight_mix_grad(pooled, out, scales, weight, with_mix_grad=len(model.encoders) > 1)
+    pooled_grad(out, scales, weight)

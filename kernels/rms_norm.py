@@ -18,6 +18,7 @@ import functools
 
 import torch
 
+from .aot import launch
 from .dispatch import interpreter_enabled, resolve_backend
 
 MAX_HIDDEN = 65536  # one row is one register tile; Llama widths stop far below this
@@ -144,7 +145,7 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, *, out: t
     out_rows = out.view(-1, width)
     forward, _ = _triton_kernels()
     meta = _blocks(m, width)
-    forward[(-(-m // meta["BLOCK_M"]),)](rows, weight.contiguous(), out_rows, rstd_out, rows.stride(0),
+    launch(forward, (-(-m // meta["BLOCK_M"]),), rows, weight.contiguous(), out_rows, rstd_out, rows.stride(0),
                                          out_rows.stride(0), m, width, eps, **meta)
     return out, rstd_out
 
@@ -175,7 +176,7 @@ def rms_norm_backward_triton(grad_y: torch.Tensor, x: torch.Tensor, weight: torc
     rows_per_program = -(-m // programs)
     programs = -(-m // rows_per_program)
     partial = torch.empty(programs, width, dtype=torch.float32, device=x.device)
-    backward[(programs,)](grads, rows, weight.contiguous(), rstd, grad_x_rows, partial,
+    launch(backward, (programs,), grads, rows, weight.contiguous(), rstd, grad_x_rows, partial,
                           grads.stride(0), rows.stride(0), grad_x_rows.stride(0), m, width, rows_per_program, **meta)
     return grad_x_out, partial.sum(dim=0).to(weight.dtype)
 
@@ -249,3 +250,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if not torch.compiler.is_compiling() and resolve_backend(x, weight) == "torch":
         return rms_norm_reference(x, weight, eps)
     return _rms_norm_op(x, weight, float(eps))[0]
+
+
+def aot_launches(model) -> None:
+    """The launches the LLM makes (kernels/aot.py records them on meta tensors): forward and backward of a norm."""
+    x, weight = model.empty(model.batch, model.sequence, model.llm_hidden), model.empty(model.llm_hidden)
+    y, rstd = rms_norm_triton(x, weight, 1e-5)
+    rms_norm_backward_triton(y, x, weight, rstd)

@@ -21,6 +21,7 @@ import functools
 
 import torch
 
+from .aot import launch
 from .dispatch import interpreter_enabled, resolve_backend
 
 
@@ -131,7 +132,7 @@ def rotate_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, *, back
     else:
         block_s, heads_per_program, meta = 16, 4, {"num_warps": 4}
     grid = (-(-seq // block_s), batch, -(-heads // heads_per_program))
-    _triton_kernel()[grid](x, cos, sin, out, *x.stride(), *cos.stride(), *sin.stride(), *out.stride(),
+    launch(_triton_kernel(), grid, x, cos, sin, out, *x.stride(), *cos.stride(), *sin.stride(), *out.stride(),
                            heads, seq, half, heads_per_program,
                            BACKWARD=backward, BLOCK_S=block_s, BLOCK_D=_pow2_at_least(half), **meta)
     return out
@@ -200,3 +201,16 @@ def apply_rotary(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
         raise ValueError("rope: the fused kernel gives cos/sin no gradient, but they require one; run the torch "
                          "backend for trainable rotary tables")
     return _rope_op(q, k, cos, sin)
+
+
+def aot_launches(model) -> None:
+    """The launches the LLM's attention makes (kernels/aot.py records them on meta tensors): q and k as
+    transformers lays them out ([B, S, heads, head_dim] projections viewed [B, heads, S, head_dim]), forward and the
+    transposed rotation of their (contiguous) gradients."""
+    head_dim = model.llm_hidden // model.llm_heads
+    batch, seq = model.batch, model.sequence
+    cos, sin = model.empty(batch, seq, head_dim), model.empty(batch, seq, head_dim)
+    for heads in sorted({model.llm_heads, model.llm_kv_heads}):
+        x = model.empty(batch, seq, heads, head_dim).transpose(1, 2)
+        rotate_triton(x, cos, sin)
+        rotate_triton(model.empty(batch, heads, seq, head_dim), cos, sin, backward=True, dtype=model.dtype)

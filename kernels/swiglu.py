@@ -19,6 +19,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .aot import launch
 from .dispatch import interpreter_enabled, resolve_backend
 
 
@@ -72,7 +73,7 @@ def _launch(kernel, numel: int, *args) -> None:
     # 1024 elements (4 warps, 8 per thread) per GPU program; the interpreter pays per program, so it gets big blocks.
     block = 1 << 16 if interpreter_enabled() else 1024
     meta = {} if interpreter_enabled() else {"num_warps": 4}
-    kernel[(max(1, -(-numel // block)),)](*args, numel, BLOCK=block, **meta)
+    launch(kernel, (max(1, -(-numel // block)),), *args, numel, BLOCK=block, **meta)
 
 
 def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
@@ -160,3 +161,10 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     if not torch.compiler.is_compiling() and resolve_backend(gate, up) == "torch":
         return swiglu_reference(gate, up)
     return _swiglu_op(gate, up)
+
+
+def aot_launches(model) -> None:
+    """The launches the LLM's MLP makes (kernels/aot.py records them on meta tensors): forward and backward."""
+    gate = model.empty(model.batch, model.sequence, model.llm_intermediate)
+    out = swiglu_triton(gate, torch.empty_like(gate))
+    swiglu_backward_triton(out, gate, torch.empty_like(gate))

@@ -293,12 +293,18 @@ def main(argv: list[str] | None = None) -> int:
 
     sub.add_parser("gpu-suite", help="every GPU check and benchmark, area by area, resumable "
                                      "(options: merv-fast gpu-suite --help)")
+    sub.add_parser("kernels", help="every Triton kernel compiled ahead of time for sm_90/sm_80, no GPU needed: "
+                                   "registers, spills, tensor cores, TMA (options: merv-fast kernels --help)")
 
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["gpu-suite"]:  # the suite parses its own options
         from merv_fast.measure.suite import main as suite_main
 
         return suite_main(argv[1:])
+    if argv[:1] == ["kernels"]:  # so does the kernels check
+        from merv_fast.measure.kernel_check import main as kernels_main
+
+        return kernels_main(argv[1:])
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

@@ -144,3 +144,35 @@ def test_time_limit_kills_the_running_area_and_leaves_the_rest_for_later(test_ar
     assert "not run: the run's --time-limit-s 6 is spent" in capsys.readouterr().out
     state = json.loads(next(out.glob("*.state.json")).read_text())["areas"]
     assert state["slow"]["status"] == "timeout" and "after-slow" not in state  # resumable: both run next time
+
+
+def test_headline_areas_come_first_and_fit_seven_minutes():
+    """On a fresh GPU, `gpu-suite --time-limit-s 420`: env, ceilings, the kernel smoke test, the headline training
+    step, the visual path, then the rest; their H100 estimates fit the 420 s with room for the smoke test's bound."""
+    areas = suite.registered_areas()
+    names = [a.name for a in areas]
+    assert names[:5] == ["env", "ceilings", "kernel-smoke", "train", "visual"], names
+    assert set(names[5:]) >= {"gpu-tests", "encoders", "llm", "trainer-1b"}
+    by_name = {a.name: a for a in areas}
+    assert by_name["kernel-smoke"].expected_s <= 90
+    assert suite.head_estimate_s(areas, "visual") <= 420
+    assert suite.head_estimate_s(areas, "visual") == sum(by_name[n].expected_s for n in names[:5])
+
+
+def test_kernel_smoke_runs_in_order_on_cpu_within_the_time_limit(tmp_path):
+    """The real areas, on CPU (the smoke test's kernels in Triton's interpreter, at tiny shapes): run in the suite's
+    order, each area's seconds recorded, their sum within the run's wall time and limit; one row per check."""
+    pytest.importorskip("triton")
+    start = time.perf_counter()
+    statuses = suite.run_suite(tmp_path, only=["env", "kernel-smoke"], allow_cpu=True, time_limit_s=420)
+    elapsed = time.perf_counter() - start
+    assert list(statuses) == ["env", "ceilings", "kernel-smoke"] and set(statuses.values()) == {"done"}, statuses
+    [results] = tmp_path.glob("*_gpu-suite.json")
+    state = json.loads(results.with_suffix(".state.json").read_text())["areas"]
+    assert list(state) == ["env", "ceilings", "kernel-smoke"]
+    assert sum(a["seconds"] for a in state.values()) <= min(elapsed, 420)
+    rows = {r["name"]: r["tests"] for r in json.loads(results.read_text())["results"]}
+    for name in ("preprocess", "pool_concat forward", "pool_concat backward", "project_fuse forward+backward",
+                 "rms_norm forward+backward", "swiglu forward+backward", "rope forward+backward",
+                 "encoders streams vs sequential", "encoders graph vs sequential"):
+        assert rows[name]["ok"] and rows[name]["max_rel_err"] <= rows[name]["bound"], (name, rows.get(name))

@@ -147,6 +147,10 @@ def train_area(results: ResultsFile, ceilings: dict) -> None:
                        samples_per_s=merv["samples_per_s"], tokens_per_s=merv["tokens_per_s"], mfu=merv["mfu"]))
 
 
-register_area("visual", visual_area, budget_s=240, after="gpu-tests")
-register_area("encoders", encoders_area, budget_s=240, after="visual")
-register_area("train", train_area, budget_s=300, after="encoders")
+import merv_fast.measure.smoke_areas  # noqa: E402,F401 - registers "kernel-smoke", which "train" follows
+
+# The headline first: the training step right after the kernel smoke test, then the visual path; the encoders'
+# forward after the full GPU tests (estimates: seconds on an H100, model builds and first compiles included).
+register_area("train", train_area, budget_s=300, after="kernel-smoke", estimate_s=180)
+register_area("visual", visual_area, budget_s=240, after="train", estimate_s=90)
+register_area("encoders", encoders_area, budget_s=240, after="gpu-tests", estimate_s=60)

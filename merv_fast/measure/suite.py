@@ -8,6 +8,11 @@ the run's results file as they measure (see results.py), and the run records eac
 beside it (`<results>.state.json`). Running the suite again resumes: finished areas are skipped, failed and
 timed-out ones run again.
 
+The order is the order of importance for a GPU lent for a few minutes (`--time-limit-s 420`): env and ceilings
+(seconds), `kernel-smoke` (every Triton kernel in bf16 against its reference, encoder modes against sequential),
+the headline `train` area (merv-1b vs single-1b), `visual` (the fused visual path vs the release's modules), then
+everything else. Each area carries an estimate of its seconds on an H100 (`estimate_s`), `head_estimate_s` sums them.
+
 Registering an area: in a module, call `register_area(name, fn, budget_s=..., after=...)` at import time, with
 `fn(results: ResultsFile, ceilings: dict) -> None`, and list the module in AREA_MODULES (or pass --module). An area
 registered any other way is unknown to the subprocess that has to run it.
@@ -38,7 +43,8 @@ MIN_AREA_S = 20  # under --time-limit-s, an area is not started with less than t
 # Modules imported before the suite runs, each registering its areas on import, e.g. "merv_fast.measure.bench_visual".
 # Their order is the run's: the focused measurements first, then the commands and the bench/ suites (command_areas),
 # which repeat parts of them, so that a run cut short by --time-limit-s has measured what matters most.
-AREA_MODULES: list[str] = ["merv_fast.measure.gpu_areas", "merv_fast.measure.encoder_areas",
+AREA_MODULES: list[str] = ["merv_fast.measure.smoke_areas", "merv_fast.measure.gpu_areas",
+                           "merv_fast.measure.encoder_areas",
                            "merv_fast.measure.data_areas", "merv_fast.measure.llm_areas",
                            "merv_fast.measure.eval_areas", "merv_fast.measure.llama_kernel_areas",
                            "merv_fast.measure.command_areas"]
@@ -54,12 +60,19 @@ class Area:
     name: str
     fn: Callable  # fn(results: ResultsFile, ceilings: dict) -> None
     budget_s: float = MAX_BUDGET_S
+    estimate_s: float | None = None  # expected seconds on an H100, subprocess start included; None: its budget
+    cpu_env: dict | None = None  # extra environment of its subprocess on a machine without CUDA
+
+    @property
+    def expected_s(self) -> float:
+        return self.budget_s if self.estimate_s is None else self.estimate_s
 
 
 _areas: list[Area] = []
 
 
-def register_area(name: str, fn: Callable, budget_s: float = MAX_BUDGET_S, after: str | None = None) -> None:
+def register_area(name: str, fn: Callable, budget_s: float = MAX_BUDGET_S, after: str | None = None, *,
+                  estimate_s: float | None = None, cpu_env: dict | None = None) -> None:
     """Add an area to the suite, at the end or right after the area named `after`. Registering a name again
     replaces the earlier area, so a module imported twice does no harm."""
     if not 0 < budget_s <= MAX_BUDGET_S:
@@ -71,7 +84,7 @@ def register_area(name: str, fn: Callable, budget_s: float = MAX_BUDGET_S, after
         if after not in names:
             raise ValueError(f"area {name!r}: after={after!r} is not registered (have {names})")
         position = names.index(after) + 1
-    _areas.insert(position, Area(name, fn, budget_s))
+    _areas.insert(position, Area(name, fn, budget_s, estimate_s, cpu_env))
 
 
 def registered_areas(modules: list[str] = ()) -> list[Area]:
@@ -119,9 +132,15 @@ def gpu_tests_area(results: ResultsFile, ceilings: dict) -> None:
         raise RuntimeError(f"gpu tests failed (exit {done.returncode}): {summary}")
 
 
-register_area("env", env_area, budget_s=120)
-register_area("ceilings", ceilings_area, budget_s=120)
-register_area("gpu-tests", gpu_tests_area, budget_s=MAX_BUDGET_S)
+register_area("env", env_area, budget_s=120, estimate_s=8)
+register_area("ceilings", ceilings_area, budget_s=120, estimate_s=15)
+register_area("gpu-tests", gpu_tests_area, budget_s=MAX_BUDGET_S, estimate_s=240)
+
+
+def head_estimate_s(areas: list[Area], through: str) -> float:
+    """Expected seconds of the areas up to and including `through`, in run order."""
+    names = [a.name for a in areas]
+    return sum(a.expected_s for a in areas[:names.index(through) + 1])
 
 
 # ----------------------------------------------------------------------------------------------- the runner
@@ -134,8 +153,10 @@ def _load_state(results: Path) -> dict:
     return json.loads(path.read_text()) if path.exists() else {"areas": {}}
 
 
-def _child_env() -> dict[str, str]:
+def _child_env(area: Area | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    if area is not None and area.cpu_env and not torch.cuda.is_available():
+        env.update(area.cpu_env)
     if (SOURCE_ROOT / "setup.py").exists():  # run from a source tree: the child must import this same merv_fast
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SOURCE_ROOT), env.get("PYTHONPATH")]))
     return env
@@ -148,7 +169,7 @@ def _run_in_subprocess(area: Area, results: Path, modules: list[str], timeout_s:
     start = time.perf_counter()
     # A session of its own, so that the budget kills what the area started too (pytest, a dataloader worker).
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env=_child_env())
+                            start_new_session=True, env=_child_env(area))
     try:
         output, _ = proc.communicate(timeout=timeout_s)
         status = "done" if proc.returncode == 0 else "failed"
