@@ -20,13 +20,15 @@ def model_summary(model, text_tokens: int = 128) -> dict:
         modules[f"encoder.{name}"] = {"trainable": t, "frozen": f, "flops_per_sample": flops.encoders[name],
                                       "layers_run": enc.config.layers_run, "of_layers": enc.config.num_layers}
     t, f = _count(model.visual)
-    modules["visual (projectors + fusion)"] = {"trainable": t, "frozen": f, "flops_per_sample": flops.visual}
+    modules["visual (poolers, projectors, fusion)"] = {"trainable": t, "frozen": f, "flops_per_sample": flops.visual}
     t, f = _count(model.llm)
     modules["llm"] = {"trainable": t, "frozen": f, "flops_per_sample": flops.llm}
     return {
         "preset": cfg.name,
-        "visual_tokens": cfg.visual.num_tokens,
-        "pool_size": list(cfg.visual.pool_size),
+        "visual_tokens": cfg.num_visual_tokens,
+        "pool_size": list(model.visual.pool_size),
+        "arch": cfg.visual.arch,
+        "fusion": cfg.visual.fusion,
         "text_tokens_assumed": text_tokens,
         "modules": modules,
         "total_trainable": sum(m["trainable"] for m in modules.values()),
@@ -36,7 +38,8 @@ def model_summary(model, text_tokens: int = 128) -> dict:
 
 
 def format_summary(s: dict) -> str:
-    lines = [f"preset {s['preset']}: {s['visual_tokens']} visual tokens (pool {'x'.join(map(str, s['pool_size']))}), "
+    lines = [f"preset {s['preset']} ({s['arch']}, {s['fusion']}): {s['visual_tokens']} visual tokens "
+             f"(grid {'x'.join(map(str, s['pool_size']))} per encoder), "
              f"FLOPs per video sample with {s['text_tokens_assumed']} text tokens (training step)",
              f"{'module':32}{'trainable':>16}{'frozen':>16}{'TFLOP/sample':>14}"]
     for name, m in s["modules"].items():

@@ -88,7 +88,7 @@ class StepRunner:
         model, cfg = self.model, self.config
         with phase("data"):
             b = batch.to(self.device)
-            pixels = preprocess_batch(b.frames, cfg.encoders, cfg.visual.frames_sampled, b.flip, self.enc_dtype)
+            pixels = preprocess_batch(b.frames, cfg.encoders, cfg.frames_sampled, b.flip, self.enc_dtype)
         with self.autocast():
             with phase("encoders"):
                 features = model.encode(pixels)
@@ -130,7 +130,7 @@ def train_steps(preset: str, s: BenchSettings, batches) -> dict:
             raise FloatingPointError(f"{preset}: loss is {loss.item()} at step {i}")
     step = statistics.median(step_times)
     text_per_sample = sum(text_tokens) / (len(text_tokens) * s.batch_size)  # the batches' real (unpadded) text
-    tokens_per_sample = text_per_sample + cfg.visual.num_tokens
+    tokens_per_sample = text_per_sample + cfg.num_visual_tokens
     flops = sample_flops(cfg, round(text_per_sample)).total
     peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if gpu else None
     samples_per_s = s.batch_size / step
@@ -175,7 +175,7 @@ def media_batches(cfg, batch_size: int, count: int, seed: int = 0) -> list:
     videos = [e for e in load_entries(data_json) if e.kind == "video"]
     tokenizer = build_tokenizer_for(cfg)
     dataset = VideoLLaVADataset(videos, media_root, tokenizer, prompt_format=cfg.llm.prompt_format,
-                                max_length=cfg.llm.max_text_tokens, seed=seed, frames=cfg.visual.frames_sampled)
+                                max_length=cfg.llm.max_text_tokens, seed=seed, frames=cfg.frames_sampled)
     return [collate([dataset[(i * batch_size + j) % len(dataset)] for j in range(batch_size)],
                     pad_token_id=tokenizer.pad_token_id) for i in range(count)]
 
@@ -218,6 +218,11 @@ def run_bench(settings: BenchSettings | None = None) -> dict:
     gc.collect()  # the first model's memory goes back before the second is built
     if s.device.startswith("cuda"):
         torch.cuda.empty_cache()
+    # The same clips, each model sampling its frames as the release does (a 16-frame single encoder: 16 frames over
+    # the clip, not every second of MERV's 32).
+    base_cfg = get_preset(s.baseline)
+    if base_cfg.frames_sampled != cfg.frames_sampled:
+        batches = media_batches(base_cfg, s.batch_size, count=2, seed=s.seed)
     baseline = train_steps(s.baseline, s, batches)
     device = torch.cuda.get_device_name() if s.device.startswith("cuda") else f"cpu-{torch.get_num_threads()}thread"
     report = {

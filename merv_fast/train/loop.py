@@ -266,7 +266,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer=None) -> dict:
     tokenizer = build_tokenizer_for(model_cfg)
     dataset_args = (load_entries(data_json), media_root, tokenizer)
     dataset_kwargs = dict(prompt_format=model_cfg.llm.prompt_format, max_length=model_cfg.llm.max_text_tokens,
-                          seed=cfg.seed, frames=model_cfg.visual.frames_sampled, decoder=cfg.decoder)
+                          seed=cfg.seed, frames=model_cfg.frames_sampled, decoder=cfg.decoder)
     feature_cache = None
     if cfg.feature_cache:  # pooled features read from the cache: no decoding, no encoders
         from merv_fast.runtime.feature_cache import CachedFeatureDataset, FeatureCache, training_autocast
