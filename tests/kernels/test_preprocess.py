@@ -286,3 +286,23 @@ def test_strategies_per_encoder_from_the_config():
     assert crop.encoders[0].preprocess.resize == "resize_crop" and not crop.encoders[0].preprocess.letterbox
     with pytest.raises(ConfigError, match=r"languagebind/__init__.py:64"):
         apply_overrides(get_preset("merv-base"), {"visual.image_resize_strategy": "resize-crop"})
+
+
+@pytest.mark.parametrize("strategy", ["resize-crop", "letterbox"])
+def test_strategies_vs_the_release_pil_transforms(strategy):
+    """The reference (hence the native and Triton ops, tested against it) against the release's PIL composition
+    (merv_fast/data/release_loader.py): within the PIL rounding bound of test_reference_vs_pil, on frames whose
+    letterbox padding is odd and whose crop is off-centre."""
+    from merv_fast.config import apply_overrides
+    from merv_fast.data.release_loader import pil_frame_transform
+
+    for preset in ("dinov2-single-tiny", "vivit-single-tiny"):
+        enc = apply_overrides(get_preset(preset), {"visual.image_resize_strategy": strategy}).encoders[0]
+        spec = data_preprocess.encoder_input_spec(enc, enc.frames)
+        for h, w in [(97, 150), (151, 118)]:
+            frames = natural_frames(1, 1, h, w, seed=h)
+            ref = preprocess_reference(frames, [dataclasses.replace(spec, frame_stride=1)])[0][0, 0]
+            pil = pil_frame_transform(frames[0, 0].numpy(), enc)
+            diff = ((ref - pil) * torch.tensor(enc.preprocess.std).view(3, 1, 1)).abs() * 255  # in /255 units
+            assert diff.mean() < 0.6 and diff.max() < (1.5 if enc.preprocess.interpolation == "bilinear" else 24.0), \
+                (preset, strategy, h, w, diff.mean().item(), diff.max().item())

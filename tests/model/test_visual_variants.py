@@ -1,6 +1,7 @@
-"""Every architecture specifier and fusion the release can run, against the release's computation (release_visual.py):
-values and gradients at tiny widths, fp32 and bf16, release checkpoint names, refusals with their reason. The fused
-Triton path of the same variants: tests/kernels/triton/test_visual_fusions_triton.py."""
+"""Every architecture specifier and fusion the release can run, against the release's computation
+(merv_fast/model/release_visual.py): values and gradients at tiny widths, fp32 and bf16, release checkpoint names,
+refusals with their reason. The fused Triton path of the same variants: tests/kernels/triton/
+test_visual_fusions_triton.py."""
 
 import sys
 from pathlib import Path
@@ -11,10 +12,10 @@ import torch
 from merv_fast.arch import ArchError, check_fusion, parse_arch
 from merv_fast.config import ConfigError, apply_overrides, get_preset
 from merv_fast.kernels import use_backend
+from merv_fast.model.release_visual import release_visual
 from merv_fast.model.visual import VisualPath
 
 sys.path.insert(0, str(Path(__file__).parent))
-from release_visual import release_visual  # noqa: E402
 from visual_cases import features as _features, visual_case as _visual  # noqa: E402
 
 FUSIONS = ["cross_attention_avg_lq", "concat_channel", "concat_channel_ln", "concat", "first"]

@@ -55,18 +55,21 @@ class Encoder(nn.Module):
 
     def checkpoint_key(self, module_key: str, state: StateDict) -> str:
         """The checkpoint key a module tensor is read from, as best said without reading it: timm's block name for a
-        timm checkpoint, else the module key under the checkpoint's tower prefix."""
+        timm checkpoint, else the module key under the checkpoint's tower prefix (renamed spellings aside)."""
         if self.TIMM_LAYER_PREFIX and module_key.startswith(self.TIMM_LAYER_PREFIX) and any(
                 k.endswith("blocks.0.attn.qkv.weight") for k in state):
             index, rest = module_key[len(self.TIMM_LAYER_PREFIX):].split(".", 1)
             for theirs, ours in self.TIMM_BLOCK_NAMES.items():
                 for i, name in enumerate(ours if isinstance(ours, tuple) else (ours,)):
                     if rest.startswith(name + "."):
-                        part = " (rows %d of 3)" % (i + 1) if isinstance(ours, tuple) else ""
+                        part = f" (rows {i + 1} of 3)" if isinstance(ours, tuple) else ""
                         return f"blocks.{index}.{theirs}{rest[len(name):]}{part}"
-        tail = module_key.split(".", 1)[-1]
-        near = sorted(k for k in state if k.endswith(tail))
-        return near[0] if near else module_key
+        # A Hugging Face layout keeps our names under the tower's prefix: find it from a key both share.
+        for key in state:
+            for ours in self.state_dict():
+                if key.endswith(ours):
+                    return key[: len(key) - len(ours)] + module_key
+        return module_key
 
 
 def hf_vit_kwargs(cfg: EncoderConfig) -> dict:

@@ -1,5 +1,5 @@
 """The visual path's fused Triton kernels (interpreter on CPU, or CUDA) for the variants that run the fused product,
-against the release's computation (tests/model/release_visual.py): cross_attention_avg_lq on an MLP projector's last
+against the release's computation (merv_fast/model/release_visual.py): cross_attention_avg_lq on an MLP projector's last
 Linear, concat_channel composed into one product, and the sequence concat / first fusions on the pooling kernel."""
 
 import sys
@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from merv_fast.kernels import use_backend
+from merv_fast.model.release_visual import release_visual
 
 sys.path.insert(0, str(Path(__file__).parents[2] / "model"))
-from release_visual import release_visual  # noqa: E402
 from visual_cases import features, visual_case  # noqa: E402
 
 

@@ -1,7 +1,7 @@
 """The release's visual path written out step by step from its code (merv/models/vidlms/merv.py:152-227, 562-612 and
 merv/util/nn_utils.py), reading the parameters of our `VisualPath` through the release's own names
-(`model.release.release_names`), so that a test compares our modules with the release's computation, not with
-themselves. Plain torch, unfused: every P_e is materialised, as in the release."""
+(`model.release.release_names`), so that tests and benchmarks compare our modules with the release's computation,
+not with themselves. Plain torch, unfused: every P_e is materialised, as in the release."""
 
 from __future__ import annotations
 
