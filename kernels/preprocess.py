@@ -141,8 +141,8 @@ def preprocess_reference(frames: torch.Tensor, specs: Sequence[EncoderInputSpec]
     """frames uint8 [B, T, H, W, 3] -> per spec [B, T_e, 3, S, S], T_e = ceil(T / frame_stride). The ground truth.
 
     Per spec: frames[:, ::frame_stride], /255, the letterbox pad, `F.interpolate` (align_corners=False, antialias per
-    spec; the sizes and crop as `resize_geometry` says), mirror the samples with flip[b] set (only where the spec has random_flip), then
-    (x - mean) / std in fp32 and a cast to out_dtype.
+    spec; the sizes and crop as `resize_geometry` says), mirror the samples with flip[b] set (only where the spec has
+    random_flip), then (x - mean) / std in fp32 and a cast to out_dtype.
 
     Relation to the release: LanguageBind's transforms resize tensors with torchvision's bilinear without antialias,
     which is this exactly. DINOv2, ViViT and SigLIP went through PIL's `Image.resize` on uint8 images; torch's

@@ -89,7 +89,8 @@ def test_single_encoders_sample_their_own_frame_count_over_the_clip():
         assert picked[-1] == 299
     # an override of the encoders follows the same rule; an explicit value stays
     assert load_config("merv-base", overrides={"encoders": ["dinov2"]}).frames_sampled == 16
-    assert load_config("merv-base", overrides={"encoders": ["dinov2"], "visual.frames_sampled": 32}).frames_sampled == 32
+    explicit = {"encoders": ["dinov2"], "visual.frames_sampled": 32}
+    assert load_config("merv-base", overrides=explicit).frames_sampled == 32
 
 
 def test_siglip_variants_from_the_release_ids():

@@ -141,7 +141,8 @@ class _SqueezeExcite(nn.Module):
 
 class _Bottleneck(nn.Module):
     """timm's RegNet bottleneck as the C-Abstractor configures it: bottleneck ratio 1, depthwise 3x3 (group size 1),
-    squeeze-excite at 1/4 of the input width, SiLU, channel LayerNorm, a 1x1 conv + norm shortcut where widths differ."""
+    squeeze-excite at 1/4 of the input width, SiLU, channel LayerNorm, a 1x1 conv + norm shortcut where widths
+    differ."""
 
     def __init__(self, cin: int, cout: int):
         super().__init__()

@@ -41,7 +41,7 @@ def flatten_release(tree: dict[str, Any], prefix: str = "") -> dict[str, torch.T
     return flat
 
 
-def _visual_release_name(name: str, visual) -> str:
+def visual_release_name(name: str, visual) -> str:
     """One of our `visual.*` names -> the release's flat key (merv/models/vidlms/merv.py:152-227 builds those
     modules; merv/util/nn_utils.py names their parameters)."""
     spec = visual.spec
@@ -72,7 +72,7 @@ def release_names(model) -> dict[str, str]:
     out = {}
     for name in model.state_dict():
         if name.startswith("visual."):
-            out[name] = _visual_release_name(name, model.visual)
+            out[name] = visual_release_name(name, model.visual)
         elif name.startswith("llm."):
             out[name] = "llm_backbone.llm." + name[len("llm."):]
     return out

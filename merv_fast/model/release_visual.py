@@ -11,13 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from merv_fast.arch import parse_arch
+from merv_fast.model.release import visual_release_name
 
 
 def release_params(visual) -> dict[str, torch.Tensor]:
     """The visual path's parameters under the release's flat keys."""
-    from merv_fast.model.release import _visual_release_name
-
-    return {_visual_release_name("visual." + n, visual): p for n, p in visual.named_parameters()}
+    return {visual_release_name("visual." + n, visual): p for n, p in visual.named_parameters()}
 
 
 def _mlp(x: torch.Tensor, p: dict, prefix: str, projector: str) -> torch.Tensor:

@@ -123,8 +123,9 @@ class VisualPath(nn.Module):
         last_in = [llm_dim if self.heads is not None else w for w in widths]  # the last Linear's input width
         self.projectors = None if spec.projector == "none" else nn.ModuleList(nn.Linear(w, llm_dim) for w in last_in)
         if spec.pooling == "attntv":  # the release's pooler initialises its projector with its own scheme
+            inside = {id(m) for m in self.poolers.modules()}
             for m in self.modules():
-                if isinstance(m, nn.Linear) and not any(m is p for p in self.poolers.modules()):
+                if isinstance(m, nn.Linear) and not m.weight.is_meta and id(m) not in inside:
                     init_linear_jepa(m)
         self.fusion = None
         self.channel_fusion = None

@@ -137,3 +137,21 @@ def test_torch_backend_is_the_reference_path():
     feats = _features(cfg)
     with use_backend("torch"):
         torch.testing.assert_close(visual(feats), release_visual(visual, cfg, feats)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_info_flops_follow_the_variant():
+    from merv_fast.model.flops import llm_train_flops, sample_flops, visual_path_flops
+
+    base = get_preset("merv-base")
+    d, L, n = base.llm.hidden_size, 1024, 4
+
+    def with_(**kw):
+        return apply_overrides(base, {f"visual.{k}": v for k, v in kw.items()})
+
+    first = visual_path_flops(with_(fusion="first"))
+    assert visual_path_flops(with_(fusion="concat_channel")) - first == 3 * 2 * L * n * d * d  # the fusion Linear
+    assert visual_path_flops(with_(arch="3davg+gelu-mlp", fusion="first")) - first == 3 * n * 2 * L * d * d
+    concat = sample_flops(with_(fusion="concat"), 128)
+    assert concat.llm == llm_train_flops(base.llm, 128 + n * L)  # four times the visual tokens reach the LLM
+    half = sample_flops(with_(arch="no-align+3davg+frame2+linear"), 128)
+    assert half.llm == llm_train_flops(base.llm, 128 + L // 2)
