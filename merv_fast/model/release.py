@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from merv_fast.arch import ArchSpec, parse_arch
+
 FUSION_GROUP_ALIASES = ("feature_fusion", "adapter")
 _LAST_LINEAR = {"linear": "", "gelu-mlp": ".2", "fused-gelu-mlp": ".4"}  # the last Linear in the release's MLP
 
@@ -41,10 +43,9 @@ def flatten_release(tree: dict[str, Any], prefix: str = "") -> dict[str, torch.T
     return flat
 
 
-def visual_release_name(name: str, visual) -> str:
-    """One of our `visual.*` names -> the release's flat key (merv/models/vidlms/merv.py:152-227 builds those
-    modules; merv/util/nn_utils.py names their parameters)."""
-    spec = visual.spec
+def visual_release_name(name: str, spec: ArchSpec, fusion: str) -> str:
+    """One of our `visual.*` names -> the release's flat key, for the parsed `visual.arch` and the `visual.fusion`
+    (merv/models/vidlms/merv.py:152-227 builds those modules; merv/util/nn_utils.py names their parameters)."""
     parts = name.split(".")
     group, rest = parts[1], parts[2:]
     # A projector is the release's LinearProjector / MLPProjector (`.projector`), wrapped once more when a pooler holds
@@ -61,7 +62,7 @@ def visual_release_name(name: str, visual) -> str:
     if group == "channel_fusion":
         if rest[0] == "norm":
             return "feature_fusion.0." + ".".join(rest[1:])
-        inner = "feature_fusion.1.projector." if visual.channel_fusion.norm is not None else "feature_fusion.projector."
+        inner = "feature_fusion.1.projector." if fusion == "concat_channel_ln" else "feature_fusion.projector."
         return inner + ".".join(rest[1:])
     raise KeyError(name)
 
@@ -70,9 +71,10 @@ def release_names(model) -> dict[str, str]:
     """Our exported parameter name -> the release's flat key, for every tensor of `model` a release checkpoint holds
     (encoders are frozen and never saved, as in the release)."""
     out = {}
+    spec, fusion = parse_arch(model.config.visual.arch), model.config.visual.fusion
     for name in model.state_dict():
         if name.startswith("visual."):
-            out[name] = visual_release_name(name, model.visual)
+            out[name] = visual_release_name(name, spec, fusion)
         elif name.startswith("llm."):
             out[name] = "llm_backbone.llm." + name[len("llm."):]
     return out

@@ -16,7 +16,8 @@ from merv_fast.model.release import visual_release_name
 
 def release_params(visual) -> dict[str, torch.Tensor]:
     """The visual path's parameters under the release's flat keys."""
-    return {visual_release_name("visual." + n, visual): p for n, p in visual.named_parameters()}
+    return {visual_release_name("visual." + n, visual.spec, visual.fusion_kind): p
+            for n, p in visual.named_parameters()}
 
 
 def _mlp(x: torch.Tensor, p: dict, prefix: str, projector: str) -> torch.Tensor:
