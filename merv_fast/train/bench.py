@@ -253,9 +253,10 @@ def format_report(r: dict) -> str:
 
     rows = [("samples/s", "samples_per_s", ".3f"), ("tokens/s", "tokens_per_s", ".1f"),
             ("step time (s)", "step_time_s", ".4f"), ("MFU", "mfu", ".3f"), ("peak memory (GiB)", None, "")]
+    w = max(14, len(m["preset"]) + 2, len(b["preset"]) + 2)  # release ids at a size run past 14 characters
     lines = [f"merv-fast bench on {r['device']}: {m['preset']} vs {b['preset']} "
              f"(batch {r['config']['batch_size']}, {r['config']['steps']} steps after {r['config']['warmup']} warm-up)",
-             f"{'':22}{m['preset']:>14}{b['preset']:>14}{'ratio':>9}"]
+             f"{'':22}{m['preset']:>{w}}{b['preset']:>{w}}{'ratio':>9}"]
     for label, key, spec in rows:
         if key is None:
             mv, bv = (None if x["peak_mem_bytes"] is None else x["peak_mem_bytes"] / 2**30 for x in (m, b))
@@ -263,10 +264,10 @@ def format_report(r: dict) -> str:
         else:
             mv, bv = m[key], b[key]
         ratio = fmt(mv / bv, ".2f") if mv is not None and bv else "-"
-        lines.append(f"{label:22}{fmt(mv, spec):>14}{fmt(bv, spec):>14}{ratio:>9}")
+        lines.append(f"{label:22}{fmt(mv, spec):>{w}}{fmt(bv, spec):>{w}}{ratio:>9}")
     lines.append("phase breakdown (s/step):")
     for p in PHASES:
         mv, bv = m["phases"][p], b["phases"][p]
-        lines.append(f"  {p:20}{mv:>14.4f}{bv:>14.4f}{(mv / bv if bv else float('nan')):>9.2f}")
+        lines.append(f"  {p:20}{mv:>{w}.4f}{bv:>{w}.4f}{(mv / bv if bv else float('nan')):>9.2f}")
     lines.append(f"step-time ratio MERV/baseline: {r['ratio_step_time']:.3f}")
     return "\n".join(lines)
