@@ -23,7 +23,7 @@ def workload(full: bool):
     cfg = get_preset("merv-7b" if full else "tiny")
     t, (h, w) = (8, (360, 640)) if full else (2, (48, 64))
     # frames_sampled=32 strides (2, 2, 1, 2) kept, on t frames
-    specs = [data_preprocess.encoder_input_spec(e, cfg.visual.frames_sampled) for e in cfg.encoders]
+    specs = [data_preprocess.encoder_input_spec(e, cfg.frames_sampled) for e in cfg.encoders]
     frames = torch.randint(0, 256, (1, t, h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     return frames, specs, torch.tensor([True])
 

@@ -8,17 +8,19 @@ GPU: merv-7b shapes in bf16 at B=1, 8, 16; the figure of record is the CUDA-even
 `extra_info["cuda_median_ms"]`, inputs rotated across iterations.
 Every benchmark first checks, once and outside the timed region, that "ours" computes the release's result on the
 same inputs (outputs, and gradients for the backward cases; per-dtype tolerance relative to the largest value).
+`test_fusion_fwd_bwd` runs every fusion strategy the release can run, ours vs the release's computation.
 Measure: `python -m pytest bench/bench_visual.py --benchmark-enable --benchmark-json out.json`.
 """
 
 import pytest
 import torch
 
-from merv_fast.config import get_preset
+from merv_fast.config import apply_overrides, get_preset
 from merv_fast.kernels import use_backend
 from merv_fast.kernels.pooling import pool_concat, pool_concat_reference
 from merv_fast.kernels.project_fuse import ReleaseFusion, project_fuse_concat
 from merv_fast.measure.timing import measure
+from merv_fast.model.release_visual import release_visual
 from merv_fast.model.visual import VisualPath
 
 CUDA = torch.cuda.is_available()
@@ -121,3 +123,34 @@ def test_visual_path_fwd_bwd(benchmark, preset, batch, dtype):
     assert_matches(result(), expected, dtype, "visual path (output, parameter gradients)")
     visual.zero_grad(set_to_none=True)
     record(benchmark, lambda *f: visual(list(f)).float().sum().backward(), [tuple(f) for f in feats])
+
+
+FUSIONS = ["cross_attention_avg_lq", "concat_channel", "concat_channel_ln", "concat", "first"]
+
+
+@pytest.mark.parametrize("preset,batch,dtype", SIZES)
+@pytest.mark.parametrize("fusion", FUSIONS)
+@pytest.mark.parametrize("impl", ["ours", "release"])
+def test_fusion_fwd_bwd(benchmark, preset, batch, dtype, fusion, impl):
+    """Each fusion strategy's whole visual path (pooling, projection, fusion) forward and backward to the parameters:
+    "ours" is the model's VisualPath (the fused op where the fusion folds into it), "release" the release's
+    computation written out (merv_fast/model/release_visual.py: every P_e materialised)."""
+    cfg = apply_overrides(get_preset(preset), {"visual.fusion": fusion})
+    torch.manual_seed(0)
+    visual = VisualPath(cfg, cfg.llm.hidden_size).to(DEVICE, dtype)
+    feats = [[torch.randn(batch, e.time_steps, e.tokens_per_step, e.hidden_size, device=DEVICE, dtype=dtype)
+              for e in cfg.encoders] for _ in range(3)]
+
+    def run(*f, which=impl):
+        out = visual(list(f)) if which == "ours" else release_visual(visual, cfg, list(f))[0]
+        out.float().sum().backward()
+        return out
+
+    def result(which):  # both compute with the module's own parameters: their gradients are comparable
+        visual.zero_grad(set_to_none=True)
+        out = run(*feats[0], which=which)
+        return [out] + [p.grad.clone() for p in visual.parameters() if p.grad is not None]
+
+    assert_matches(result(impl), result("release"), dtype, f"{fusion} visual path (output, parameter gradients)")
+    visual.zero_grad(set_to_none=True)
+    record(benchmark, run, [tuple(f) for f in feats])

@@ -1,7 +1,9 @@
 """Fused per-encoder preprocessing (MERV_SPEC.md section 2): decoded uint8 frames -> every encoder's normalised input.
 
-One `EncoderInputSpec` per encoder says what it wants: which frames (every `frame_stride`-th), the resize (squash to
-SxS, or short side to S then a center crop), the filter, mean/std, an optional horizontal flip, the output dtype.
+One `EncoderInputSpec` per encoder says what it wants: which frames (every `frame_stride`-th), an optional letterbox
+pad to a square, the resize (squash to SxS, or short side to S (or `short_side`) then a center crop to S), the
+filter, mean/std, an optional horizontal flip, the output dtype. `resize_geometry` is the one place the integer
+geometry is computed (the native op mirrors it in kernels/csrc/preprocess.cpp).
 
 - `preprocess_reference`: the torch ground truth (`F.interpolate`), one encoder at a time. The GPU (Triton) and the
   CPU (native) versions are both tested against it.
@@ -17,15 +19,16 @@ This file imports nothing from the rest of merv_fast: whether the native op may 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
 
-RESIZE_MODES = ("squash", "short_side_crop")
+RESIZE_MODES = ("squash", "short_side_crop", "resize_crop")
 INTERPOLATIONS = ("bilinear", "bicubic")
 # The op's integer codes for the spec's strings and dtypes (kernels/csrc/preprocess.cpp reads the same tables).
-_RESIZE_CODE = {"squash": 0, "short_side_crop": 1}
+_RESIZE_CODE = {"squash": 0, "short_side_crop": 1, "resize_crop": 2}
 _INTERP_CODE = {"bilinear": 0, "bicubic": 1}
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -35,7 +38,9 @@ class EncoderInputSpec:
     """One encoder's input, as plain values: frames[:, ::frame_stride] -> [B, T_e, 3, size, size] in out_dtype."""
 
     size: int
-    resize: str  # "squash" (both sides to `size`) | "short_side_crop" (short side to `size`, center crop)
+    # "squash" (both sides to `size`) | "short_side_crop" (LanguageBind's ShortSideScale to `size`, center crop) |
+    # "resize_crop" (torchvision's Resize(short side) to `short_side` or `size`, center crop to `size`)
+    resize: str
     interpolation: str  # "bilinear" | "bicubic"
     antialias: bool
     mean: tuple[float, float, float]
@@ -44,6 +49,8 @@ class EncoderInputSpec:
     random_flip: bool = False  # mirror the samples whose `flip` flag is set (LanguageBind); others ignore `flip`
     out_dtype: torch.dtype = torch.float32
     layout: str = "TCHW"  # the only layout so far: [B, T_e, 3, S, S]
+    short_side: int = 0  # resize_crop: the short side before the crop (0: `size`)
+    letterbox_fill: tuple[int, int, int] | None = None  # pad to a square with this uint8 colour first
 
     def __post_init__(self):
         if self.resize not in RESIZE_MODES:
@@ -58,27 +65,63 @@ class EncoderInputSpec:
             raise ValueError(f"size ({self.size}) and frame_stride ({self.frame_stride}) must be positive")
         if len(self.mean) != 3 or len(self.std) != 3:
             raise ValueError("mean and std need one value per RGB channel")
+        if self.short_side and (self.resize != "resize_crop" or self.short_side < self.size):
+            raise ValueError(f"short_side {self.short_side}: only resize_crop takes one, at least size {self.size}")
+        if self.letterbox_fill is not None and (len(self.letterbox_fill) != 3 or self.resize == "squash"
+                                                 or not all(0 <= v <= 255 for v in self.letterbox_fill)):
+            raise ValueError(f"letterbox_fill {self.letterbox_fill}: three uint8 values, with a cropping resize")
+
+
+def letterbox_padding(h: int, w: int) -> tuple[int, int]:
+    """(vertical, horizontal) padding on EACH side of the release's LetterboxPad: int((max - side) / 2), so an odd
+    difference leaves the padded frame one pixel short of square (base_video.py:34-43)."""
+    side = max(h, w)
+    return int((side - h) / 2), int((side - w) / 2)
 
 
 def short_side_geometry(h: int, w: int, size: int) -> tuple[int, int, int, int]:
-    """(new_h, new_w, top, left) of short_side_crop, with the release's rounding.
-
-    The resize is the release's: scale = size / min(h, w), each side int(side * scale) (truncated), at least `size`.
-    The crop offsets are torchvision CenterCrop's: int(round((new - size) / 2.0)), Python's round, so an odd excess
-    d rounds d / 2 half to even (d = 3 -> 2, d = 5 -> 2): NOT always the floor.
-    """
-    scale = size / min(h, w)
-    new_h, new_w = max(size, int(h * scale)), max(size, int(w * scale))
+    """(new_h, new_w, top, left) of short_side_crop: LanguageBind's ShortSideScale (the long side is
+    floor((long / short) * size), in that order of operations: processing_video.py:33-60), then torchvision's
+    CenterCropVideo offsets int(round((new - size) / 2.0)) with Python's round, so an odd excess d rounds d / 2 half
+    to even (d = 3 -> 2, d = 5 -> 2): NOT always the floor."""
+    if w < h:
+        new_h, new_w = int(math.floor((float(h) / w) * size)), size
+    else:
+        new_h, new_w = size, int(math.floor((float(w) / h) * size))
     return new_h, new_w, int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+
+
+def resize_crop_geometry(h: int, w: int, short: int, size: int) -> tuple[int, int, int, int]:
+    """(new_h, new_w, top, left) of torchvision's Resize(short) (the long side int(short * long / short_side), its
+    _compute_resized_output_size) and CenterCrop(size) (the same offsets as above)."""
+    small, large = (w, h) if w <= h else (h, w)
+    new_small, new_large = short, int(short * large / small)
+    new_w, new_h = (new_small, new_large) if w <= h else (new_large, new_small)
+    return new_h, new_w, int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+
+
+def resize_geometry(h: int, w: int, spec: EncoderInputSpec) -> tuple[int, int, int, int, int, int]:
+    """(pad_top, pad_left, new_h, new_w, top, left) for an H x W frame: letterbox padding on each side, the resized
+    size of the padded frame, and the crop's offsets in it."""
+    pad_top, pad_left = letterbox_padding(h, w) if spec.letterbox_fill is not None else (0, 0)
+    h, w = h + 2 * pad_top, w + 2 * pad_left
+    if spec.resize == "squash":
+        return pad_top, pad_left, spec.size, spec.size, 0, 0
+    if spec.resize == "short_side_crop":
+        return (pad_top, pad_left, *short_side_geometry(h, w, spec.size))
+    return (pad_top, pad_left, *resize_crop_geometry(h, w, spec.short_side or spec.size, spec.size))
 
 
 def resize_reference(x: torch.Tensor, spec: EncoderInputSpec) -> torch.Tensor:
     """x float [N, 3, H, W] in [0, 1] -> [N, 3, S, S] (align_corners=False, antialias as the spec says)."""
     size = spec.size
-    if spec.resize == "squash":
-        return F.interpolate(x, size=(size, size), mode=spec.interpolation, antialias=spec.antialias,
-                             align_corners=False)
-    new_h, new_w, top, left = short_side_geometry(x.shape[-2], x.shape[-1], size)
+    pad_top, pad_left, new_h, new_w, top, left = resize_geometry(x.shape[-2], x.shape[-1], spec)
+    if spec.letterbox_fill is not None:
+        n, c, h, w = x.shape
+        fill = torch.tensor(spec.letterbox_fill, dtype=x.dtype, device=x.device).div(255.0).view(1, 3, 1, 1)
+        padded = fill.expand(n, c, h + 2 * pad_top, w + 2 * pad_left).clone()
+        padded[..., pad_top:pad_top + h, pad_left:pad_left + w] = x
+        x = padded
     x = F.interpolate(x, size=(new_h, new_w), mode=spec.interpolation, antialias=spec.antialias,
                       align_corners=False)
     return x[..., top:top + size, left:left + size]
@@ -97,9 +140,9 @@ def preprocess_reference(frames: torch.Tensor, specs: Sequence[EncoderInputSpec]
                          flip: torch.Tensor | None = None) -> list[torch.Tensor]:
     """frames uint8 [B, T, H, W, 3] -> per spec [B, T_e, 3, S, S], T_e = ceil(T / frame_stride). The ground truth.
 
-    Per spec: frames[:, ::frame_stride], /255, `F.interpolate` (align_corners=False, antialias per spec; short_side_crop
-    as `short_side_geometry` says), mirror the samples with flip[b] set (only where the spec has random_flip), then
-    (x - mean) / std in fp32 and a cast to out_dtype.
+    Per spec: frames[:, ::frame_stride], /255, the letterbox pad, `F.interpolate` (align_corners=False, antialias per
+    spec; the sizes and crop as `resize_geometry` says), mirror the samples with flip[b] set (only where the spec has
+    random_flip), then (x - mean) / std in fp32 and a cast to out_dtype.
 
     Relation to the release: LanguageBind's transforms resize tensors with torchvision's bilinear without antialias,
     which is this exactly. DINOv2, ViViT and SigLIP went through PIL's `Image.resize` on uint8 images; torch's
@@ -155,7 +198,9 @@ def _op_args(specs: Sequence[EncoderInputSpec]) -> tuple:
     return ([s.size for s in specs], [_RESIZE_CODE[s.resize] for s in specs],
             [_INTERP_CODE[s.interpolation] for s in specs], [s.antialias for s in specs],
             [float(v) for s in specs for v in s.mean], [float(v) for s in specs for v in s.std],
-            [s.frame_stride for s in specs], [s.random_flip for s in specs], [_DTYPE_CODE[s.out_dtype] for s in specs])
+            [s.frame_stride for s in specs], [s.random_flip for s in specs], [_DTYPE_CODE[s.out_dtype] for s in specs],
+            [s.short_side or s.size for s in specs],
+            [v for s in specs for v in (s.letterbox_fill if s.letterbox_fill is not None else (-1, -1, -1))])
 
 
 def output_shapes(frames_shape: Sequence[int], specs: Sequence[EncoderInputSpec]) -> list[tuple[int, ...]]:

@@ -1,8 +1,8 @@
 """The GPU path of the fused per-encoder preprocessing: uint8 frames [B, T, H, W, 3] -> every encoder's input.
 
 Matches `preprocess_reference` (kernels/preprocess.py): per `EncoderInputSpec`, frames[:, ::frame_stride], a resize
-exactly like `F.interpolate(align_corners=False)` (bilinear or bicubic, with or without antialias; short_side_crop
-resizes to `short_side_geometry`'s size and crops), the optional per-sample horizontal flip, (x/255 - mean) / std,
+exactly like `F.interpolate(align_corners=False)` (bilinear or bicubic, with or without antialias; sizes, crop and
+letterbox pad as `resize_geometry` says), the optional per-sample horizontal flip, (x/255 - mean) / std,
 stored as [B, T_e, 3, S, S] in the spec's out_dtype.
 
 Every one of these resizes is separable and linear: resized = Wv @ frame @ Wh^T per channel, with Wv [S, H] and
@@ -29,6 +29,7 @@ Triton is imported only when the kernel is first launched.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
@@ -36,7 +37,7 @@ import torch
 
 from .aot import launch
 from .dispatch import interpreter_enabled
-from .preprocess import EncoderInputSpec, _check_inputs, output_shapes, short_side_geometry
+from .preprocess import EncoderInputSpec, _check_inputs, output_shapes, resize_geometry
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Host side: torch's resize filters as matrices.
@@ -108,19 +109,26 @@ def _bands(m: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @functools.lru_cache(maxsize=256)
-def _host_tables(h: int, w: int, size: int, resize: str, interpolation: str, antialias: bool):
-    """(Wv [S, H], Wh^T [W, S], row_lo, row_hi, col_lo, col_hi) for one frame size and spec geometry, on the host."""
-    if resize == "squash":
-        new_h, new_w, top, left = size, size, 0, 0
-    else:
-        new_h, new_w, top, left = short_side_geometry(h, w, size)
-    wv = resize_matrix(h, new_h, interpolation, antialias)[top:top + size]
-    wh = resize_matrix(w, new_w, interpolation, antialias)[left:left + size]
+def _host_tables(h: int, w: int, spec: EncoderInputSpec):
+    """(Wv [S, H], Wh^T [W, S], row_lo, row_hi, col_lo, col_hi, fill share [S, S]) for one frame size and spec
+    geometry, on the host. With a letterbox the matrices are made over the padded frame and keep only the real
+    samples' columns; the pad's constant then reaches output pixel (r, j) with weight
+    total_r * total_j - real_r * real_j (the fill share; None without a letterbox)."""
+    pad_top, pad_left, new_h, new_w, top, left = resize_geometry(h, w, spec)
+    size = spec.size
+    wv = resize_matrix(h + 2 * pad_top, new_h, spec.interpolation, spec.antialias)[top:top + size]
+    wh = resize_matrix(w + 2 * pad_left, new_w, spec.interpolation, spec.antialias)[left:left + size]
+    share = None
+    if spec.letterbox_fill is not None:
+        wv_real, wh_real = wv[:, pad_top:pad_top + h], wh[:, pad_left:pad_left + w]
+        share = np.outer(wv.sum(1), wh.sum(1)) - np.outer(wv_real.sum(1), wh_real.sum(1))
+        wv, wh = wv_real, wh_real
+        share = np.ascontiguousarray(share, dtype=np.float32)
     row_lo, row_hi = _bands(wv)
     col_lo, col_hi = _bands(wh)
     # Wh is stored transposed: the kernel loads [source column chunk, output column tile] blocks of it.
     return (np.ascontiguousarray(wv, dtype=np.float32), np.ascontiguousarray(wh.T, dtype=np.float32),
-            row_lo, row_hi, col_lo, col_hi)
+            row_lo, row_hi, col_lo, col_hi, share)
 
 
 _device_tables: dict[tuple, tuple[torch.Tensor, ...]] = {}
@@ -132,11 +140,13 @@ def _resize_tables(h: int, w: int, spec: EncoderInputSpec, device: torch.device)
     Made with blocking copies from pageable memory, so they are complete before any stream uses them (the
     prefetcher launches on a side stream; the tables are shared by every stream after that).
     """
-    key = (h, w, spec.size, spec.resize, spec.interpolation, spec.antialias, str(device))
+    geometry = dataclasses.replace(spec, mean=(0.0,) * 3, std=(1.0,) * 3, frame_stride=1, random_flip=False,
+                                   out_dtype=torch.float32)  # only what the tables depend on
+    key = (h, w, geometry, str(device))
     tables = _device_tables.get(key)
     if tables is None:
-        host = _host_tables(h, w, spec.size, spec.resize, spec.interpolation, spec.antialias)
-        tables = tuple(torch.from_numpy(a).to(device) for a in host)
+        host = _host_tables(h, w, geometry)
+        tables = tuple(None if a is None else torch.from_numpy(a).to(device) for a in host)
         _device_tables[key] = tables
     return tables
 
@@ -150,12 +160,12 @@ tl = None  # triton.language, bound by _triton_kernel() before the kernel body i
 
 def _preprocess_kernel(
     frames_ptr, out_ptr, flip_ptr,
-    wv_ptr, wh_ptr, row_lo_ptr, row_hi_ptr, col_lo_ptr, col_hi_ptr,
+    wv_ptr, wh_ptr, row_lo_ptr, row_hi_ptr, col_lo_ptr, col_hi_ptr, share_ptr,
     stride_fb, stride_ft, stride_fh, stride_fw, stride_fc,
     stride_ob, stride_ot, stride_oc, stride_oh, stride_ow,
     H, W, S, T_OUT, frame_stride,
-    scale0, scale1, scale2, shift0, shift1, shift2,
-    HAS_FLIP: tl.constexpr,
+    scale0, scale1, scale2, shift0, shift1, shift2, fill0, fill1, fill2,
+    HAS_FLIP: tl.constexpr, HAS_FILL: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_KR: tl.constexpr, BLOCK_KC: tl.constexpr,
 ):
     # Axis 0: sample, output frame and colour channel (the large axis goes first: axes 1 and 2 stop at 65535). One
@@ -201,6 +211,11 @@ def _preprocess_kernel(
                         mask=h_valid[:, None] & k_valid[None, :], other=0).to(tl.float32)
             v = tl.dot(wv, x, v, input_precision="ieee")
         acc = tl.dot(v, wh, acc, input_precision="ieee")
+
+    if HAS_FILL:  # the letterbox pad's constant, by the filter's share outside the real frame
+        share = tl.load(share_ptr + r[:, None] * S + src_col[None, :], mask=r_valid[:, None] & j_valid[None, :],
+                        other=0.0)
+        acc += tl.where(channel == 0, fill0, tl.where(channel == 1, fill1, fill2)) * share
 
     # (x/255 - mean) / std as one multiply-add, with this channel's constants.
     scale = tl.where(channel == 0, scale0, tl.where(channel == 1, scale1, scale2))
@@ -270,8 +285,9 @@ def preprocess_triton(frames: torch.Tensor, specs: list[EncoderInputSpec], flip:
     kernel = _triton_kernel()
     meta = dict(_INTERPRETER_META) if interpreter_enabled() else {}
     for spec, buf in zip(specs, out):
-        tables = _resize_tables(h, w, spec, frames.device)
+        *tables, share = _resize_tables(h, w, spec, frames.device)
         has_flip = spec.random_flip and flip_dev is not None
+        fills = [float(v) for v in spec.letterbox_fill] if share is not None else [0.0] * 3
         t_out, size = buf.shape[1], spec.size
         # (x/255 - mean) / std as one fp32 multiply-add per element.
         scales = [1.0 / (255.0 * s) for s in spec.std]
@@ -281,14 +297,19 @@ def preprocess_triton(frames: torch.Tensor, specs: list[EncoderInputSpec], flip:
             return (batch * t_out * 3, -(-size // chosen["BLOCK_C"]), -(-size // chosen["BLOCK_R"]))
 
         launch(kernel, grid, frames, buf, flip_dev if has_flip else frames, *tables,
-                     *frames.stride(), *buf.stride(),
-                     h, w, size, t_out, spec.frame_stride, *scales, *shifts,
-                     HAS_FLIP=has_flip, **meta)
+               share if share is not None else tables[0], *frames.stride(), *buf.stride(),
+               h, w, size, t_out, spec.frame_stride, *scales, *shifts, *fills,
+               HAS_FLIP=has_flip, HAS_FILL=share is not None, **meta)
     return out
 
 
 def aot_launches(model) -> None:
     """The launch the data pipeline makes (kernels/aot.py records it on meta tensors): decoded uint8 frames of
-    `model.frame_size` into every encoder's input, LanguageBind's flip included."""
+    `model.frame_size` into every encoder's input, LanguageBind's flip included; and the same with the letterbox
+    strategy (`visual.image_resize_strategy=letterbox`), whose pad fill compiles another variant (HAS_FILL)."""
     frames = model.empty(model.batch, model.frames_sampled, *model.frame_size, 3, dtype=torch.uint8)
-    preprocess_triton(frames, list(model.input_specs), model.empty(model.batch, dtype=torch.bool))
+    flip = model.empty(model.batch, dtype=torch.bool)
+    preprocess_triton(frames, list(model.input_specs), flip)
+    letterboxed = [dataclasses.replace(spec, resize="resize_crop", letterbox_fill=(127, 127, 127))
+                   for spec in model.input_specs]
+    preprocess_triton(frames, letterboxed, flip)

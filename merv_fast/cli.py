@@ -8,7 +8,9 @@ import sys
 
 
 def _model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--preset", default=None, help="tiny | single-tiny | merv-1b | single-1b | merv-7b | single-7b")
+    p.add_argument("--preset", default=None, help="a release model id (merv-base, merv-full, languagebind-single, "
+                   "dinov2-single, vivit-single, siglip-single), each also -1b and -tiny; or tiny, single-tiny, "
+                   "merv-1b, single-1b, merv-7b, single-7b")
     p.add_argument("--config", default=None, help="YAML file of overrides (may name its own `preset`)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config key, e.g. --set llm.num_layers=4 --set encoders.dinov2.weights=/w")

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from merv_fast.arch import ArchError, check_fusion, output_grid, parse_arch
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -39,12 +41,17 @@ class ConfigError(ValueError):
 class PreprocessSpec:
     """How one encoder wants its frames: the data pipeline's whole knowledge of an encoder."""
 
-    resize: str  # "short_side_crop" (resize the short side, center crop) | "squash" (resize both sides)
+    # "squash" (both sides to the size) | "short_side_crop" (LanguageBind's ShortSideScale + CenterCropVideo) |
+    # "resize_crop" (torchvision's Resize(short side) + CenterCrop, the timm/PIL path): kernels/preprocess.py
+    resize: str
     interpolation: str  # "bilinear" | "bicubic"
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     antialias: bool = False  # the release resized through PIL (antialiased) for DINOv2, ViViT and SigLIP
     random_flip: bool = False  # LanguageBind flips with p=0.5, at inference too (a release quirk)
+    short_side: int = 0  # resize_crop: the short side's length before the crop (0: the image size)
+    letterbox: bool = False  # pad to a square with int(mean * 255) first (the release's LetterboxPad)
+    strategy: str = "resize-naive"  # the release's image_resize_strategy this spec was made for
 
 
 @dataclass
@@ -69,9 +76,20 @@ class EncoderConfig:
     hidden_act: str = "gelu"
     weights: str | None = None  # local directory or file; None = random init
     attention: str = "sdpa"  # sdpa | eager (the release ran LanguageBind and ViViT eagerly)
+    backbone_id: str = ""  # the release's video_backbone_id (merv/models/materialize.py:31-73)
+    output: str = "tokens"  # tokens: patch tokens of block layers_run | pooled: final norm + MAP head, 1 per frame
+    checkpoint_image_size: int = 0  # the resolution its weights were trained at (position embeddings resampled
+    # from it at load time, as timm does); 0: image_size
 
     @property
     def grid(self) -> tuple[int, int]:
+        if self.output == "pooled":
+            return (1, 1)
+        side = self.image_size // self.patch_size
+        return (side, side)
+
+    @property
+    def patch_grid(self) -> tuple[int, int]:
         side = self.image_size // self.patch_size
         return (side, side)
 
@@ -89,17 +107,18 @@ class EncoderConfig:
 class VisualConfig:
     """Resampling, projection and fusion between the encoders and the LLM (spec sections 3-4)."""
 
-    pool_size: tuple[int, int, int] = (16, 8, 8)  # (T', H', W')
+    pool_size: tuple[int, int, int] = (16, 8, 8)  # (T', H', W') of 3davg without frameN (merv_fast/arch.py)
     fusion_embed_dim: int = 3072
-    frames_sampled: int = 32  # frame indices taken per video; each encoder strides through them
+    # Frame indices taken per video; each encoder strides through them. None: the release's rule, the most frames
+    # any encoder takes (load_video(num_frames=max(num_frames)), merv/models/vidlms/merv.py:800-805): 32 with ViViT,
+    # 16 for a 16-frame encoder alone.
+    frames_sampled: int | None = None
+    arch: str = "no-align+3davg+linear"  # the release's arch_specifier (merv_fast/arch.py)
+    fusion: str = "cross_attention_avg_lq"  # the release's feature_fusion (merv_fast/arch.py)
+    image_resize_strategy: str = "resize-naive"  # resize-naive | resize-crop | letterbox, applied per encoder
     # Projectors and fusion drawn from their own seeded CPU stream: an int, "release" (the release's
     # `torch.manual_seed(<first encoder's width>)` before it builds them: 1024 for merv-base) or None (the global one).
     init_seed: int | str | None = None
-
-    @property
-    def num_tokens(self) -> int:
-        t, h, w = self.pool_size
-        return t * h * w
 
 
 @dataclass
@@ -174,13 +193,69 @@ class ModelConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @property
+    def frames_sampled(self) -> int:
+        return self.visual.frames_sampled or max(e.frames for e in self.encoders)
+
+    def token_grid(self, enc: EncoderConfig) -> tuple[int, int, int]:
+        """(T', H', W') of encoder `enc`'s tokens after the visual path's resampling."""
+        return output_grid(parse_arch(self.visual.arch), tuple(self.visual.pool_size), enc.time_steps, enc.grid)
+
+    @property
+    def tokens_per_encoder(self) -> int:
+        t, h, w = self.token_grid(self.encoders[0])
+        return t * h * w
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """Visual tokens the LLM sees per sample: the sequence concat puts every encoder's tokens one after another."""
+        return self.tokens_per_encoder * (len(self.encoders) if self.visual.fusion == "concat" else 1)
+
+
+# ----------------------------------------------------------------------------------------------- preprocessing
+# The release's image_resize_strategy, per encoder (its backbones' transforms: merv/models/backbones/video/
+# dinov2_video.py:79-120, vivit.py:53-89, siglip.py:89-130; LanguageBind has one fixed transform and asserts
+# resize-naive, languagebind/__init__.py:64). resize-crop and letterbox are the timm / torchvision eval transforms:
+# short side to the size (ViViT: its processor's 256) then a center crop; letterbox pads to a square with
+# int(mean * 255) first. Each entry maps the image size to the spec.
+RESIZE_STRATEGIES = ("resize-naive", "resize-crop", "letterbox")
+
+
+def _pil(resize: str, interpolation: str, mean, std, short_side=lambda size: 0, letterbox=False, strategy=""):
+    return lambda size: PreprocessSpec(resize, interpolation, mean, std, antialias=True, short_side=short_side(size),
+                                       letterbox=letterbox, strategy=strategy)
+
+
+def _timm_strategies(interpolation: str, mean, std, short_side=lambda size: 0) -> dict:
+    return {"resize-naive": _pil("squash", interpolation, mean, std, strategy="resize-naive"),
+            "resize-crop": _pil("resize_crop", interpolation, mean, std, short_side, strategy="resize-crop"),
+            "letterbox": _pil("resize_crop", interpolation, mean, std, short_side, True, strategy="letterbox")}
+
+
+PREPROCESS = {
+    "languagebind": {"resize-naive": lambda size: PreprocessSpec("short_side_crop", "bilinear", CLIP_MEAN, CLIP_STD,
+                                                                 random_flip=True)},
+    "dinov2": _timm_strategies("bicubic", IMAGENET_MEAN, IMAGENET_STD),
+    "vivit": _timm_strategies("bilinear", HALF, HALF, short_side=lambda size: round(size * 256 / 224)),
+    "siglip": _timm_strategies("bicubic", HALF, HALF),
+}
+
+
+def preprocess_spec(encoder: str, strategy: str, image_size: int) -> PreprocessSpec:
+    table = PREPROCESS[encoder]
+    if strategy not in table:
+        why = ("the release's LanguageBind backbone asserts resize-naive (merv/models/backbones/video/languagebind/"
+               "__init__.py:64)" if encoder == "languagebind" else f"choose one of {list(table)}")
+        raise ConfigError(f"visual.image_resize_strategy={strategy!r} for encoder {encoder!r}: {why}")
+    return table[strategy](image_size)
+
 
 # ----------------------------------------------------------------------------------------------- full-size encoders
 def languagebind_encoder() -> EncoderConfig:
     return EncoderConfig(
         name="languagebind", image_size=224, patch_size=14, hidden_size=1024, num_heads=16, intermediate_size=4096,
         num_layers=24, layers_run=23, frames=16, clip_frames=8, hidden_act="gelu",
-        preprocess=PreprocessSpec("short_side_crop", "bilinear", CLIP_MEAN, CLIP_STD, random_flip=True),
+        preprocess=preprocess_spec("languagebind", "resize-naive", 224), backbone_id="languagebind-video-noclass",
     )
 
 
@@ -188,7 +263,8 @@ def dinov2_encoder() -> EncoderConfig:
     return EncoderConfig(
         name="dinov2", image_size=224, patch_size=14, hidden_size=1024, num_heads=16, intermediate_size=4096,
         num_layers=24, layers_run=23, frames=16, registers=4, layer_norm_eps=1e-6,
-        preprocess=PreprocessSpec("squash", "bicubic", IMAGENET_MEAN, IMAGENET_STD, antialias=True),
+        preprocess=preprocess_spec("dinov2", "resize-naive", 224), backbone_id="dinov2-video-all-tokens",
+        checkpoint_image_size=518,
     )
 
 
@@ -196,22 +272,44 @@ def vivit_encoder() -> EncoderConfig:
     return EncoderConfig(
         name="vivit", image_size=224, patch_size=16, hidden_size=768, num_heads=12, intermediate_size=3072,
         num_layers=12, layers_run=12, frames=32, tubelet=2, final_norm=True, layer_norm_eps=1e-6,
-        hidden_act="gelu_fast",
-        preprocess=PreprocessSpec("squash", "bilinear", HALF, HALF, antialias=True),
+        hidden_act="gelu_fast", preprocess=preprocess_spec("vivit", "resize-naive", 224),
+        backbone_id="vivit-google-b-all-no-cls-16frames",
     )
 
 
-def siglip_encoder() -> EncoderConfig:
+def siglip_encoder(backbone_id: str = "siglip-vit-b16-224px-all-no-cls") -> EncoderConfig:
+    """SigLIP as the release's ids build it (merv/models/backbones/video/siglip.py:19-77): every id runs at 224 px
+    (position embeddings resampled from the trained resolution); `-all-no-cls` takes block n-2's patch tokens,
+    the plain ids take timm's whole forward (final norm + MAP head): one pooled token per frame."""
+    wide = "so400m" in backbone_id
+    trained = 384 if "384px" in backbone_id else 256 if "256px" in backbone_id else 224
+    layers = 27 if wide else 12
+    tokens = backbone_id.endswith("-all-no-cls")
     return EncoderConfig(
-        name="siglip", image_size=224, patch_size=16, hidden_size=768, num_heads=12, intermediate_size=3072,
-        num_layers=12, layers_run=11, frames=16, layer_norm_eps=1e-6,
-        preprocess=PreprocessSpec("squash", "bicubic", HALF, HALF, antialias=True),
+        name="siglip", image_size=224, patch_size=14 if wide else 16, hidden_size=1152 if wide else 768,
+        num_heads=16 if wide else 12, intermediate_size=4304 if wide else 3072, num_layers=layers,
+        layers_run=layers - 1 if tokens else layers, frames=16, layer_norm_eps=1e-6,
+        preprocess=preprocess_spec("siglip", "resize-naive", 224), backbone_id=backbone_id,
+        output="tokens" if tokens else "pooled", checkpoint_image_size=trained,
     )
+
+
+# The release's video_backbone_ids that build the same architectures from the same local layouts. Its other ids
+# are class-token or averaged variants (one token per frame), `-all-tokens` ids that raise NotImplementedError
+# (siglip.py:72-76), or Hiera, which this project does not build.
+VIDEO_BACKBONES = {
+    "languagebind-video-noclass": languagebind_encoder,
+    "dinov2-video-all-tokens": dinov2_encoder,
+    "vivit-google-b-all-no-cls-16frames": vivit_encoder,
+    **{bid: (lambda bid=bid: siglip_encoder(bid)) for bid in (
+        "siglip-vit-b16-224px-all-no-cls", "siglip-vit-b16-224px", "siglip-vit-b16-256px", "siglip-vit-b16-384px",
+        "siglip-vit-so400m", "siglip-vit-so400m-384px")},
+}
 
 
 # ----------------------------------------------------------------------------------------------- tiny encoders
 def _tiny(enc: EncoderConfig, **dims: Any) -> EncoderConfig:
-    return dataclasses.replace(enc, **dims)
+    return dataclasses.replace(enc, checkpoint_image_size=0, **dims)
 
 
 def tiny_encoders() -> list[EncoderConfig]:
@@ -296,24 +394,42 @@ def _full_encoders() -> list[EncoderConfig]:
     return [languagebind_encoder(), dinov2_encoder(), vivit_encoder(), siglip_encoder()]
 
 
-def _single(encoders: list[EncoderConfig]) -> list[EncoderConfig]:
-    return [e for e in encoders if e.name == "languagebind"]
+TINY_VISUAL = dict(pool_size=(4, 8, 8), fusion_embed_dim=48)
 
-
-TINY_VISUAL = dict(pool_size=(4, 8, 8), fusion_embed_dim=48, frames_sampled=16)
-
-PRESETS = {
-    "merv-7b": lambda: ModelConfig("merv-7b", _full_encoders(), llama2_7b()),
-    "single-7b": lambda: ModelConfig("single-7b", _single(_full_encoders()), llama2_7b()),
-    "merv-1b": lambda: ModelConfig("merv-1b", _full_encoders(), tinyllama_1b()),
-    "single-1b": lambda: ModelConfig("single-1b", _single(_full_encoders()), tinyllama_1b()),
-    "tiny": lambda: ModelConfig("tiny", tiny_encoders(), tiny_llm(), VisualConfig(**TINY_VISUAL)),
-    "single-tiny": lambda: ModelConfig("single-tiny", _single(tiny_encoders()), tiny_llm(),
-                                       VisualConfig(**TINY_VISUAL)),
+# The release's registered model ids (merv/conf/models.py:99-206): encoders and architecture specifier (all use
+# cross_attention_avg_lq and resize-naive). merv-full differs from merv-base only in needing its align stage.
+RELEASE_MODELS = {
+    "merv-base": (ENCODER_NAMES, "no-align+3davg+linear"),
+    "merv-full": (ENCODER_NAMES, "3davg+linear"),
+    **{f"{name}-single": ((name,), "no-align+3davg+linear") for name in ENCODER_NAMES},
 }
+# Sizes compose with every id: `<id>` full size (LLaMA-2 7B), `<id>-1b` (TinyLlama widths), `<id>-tiny` (CPU, tests).
+SIZES = {
+    "": lambda: (_full_encoders(), llama2_7b(), {}),
+    "-1b": lambda: (_full_encoders(), tinyllama_1b(), {}),
+    "-tiny": lambda: (tiny_encoders(), tiny_llm(), TINY_VISUAL),
+}
+# Earlier names, kept: merv-7b is merv-base, single-* the LanguageBind single-encoder model.
+PRESET_ALIASES = {"merv-7b": "merv-base", "merv-1b": "merv-base-1b", "tiny": "merv-base-tiny",
+                  "single-7b": "languagebind-single", "single-1b": "languagebind-single-1b",
+                  "single-tiny": "languagebind-single-tiny"}
+
+
+def _release_preset(name: str, model_id: str, size: str) -> ModelConfig:
+    names, arch = RELEASE_MODELS[model_id]
+    encoders, llm, visual = SIZES[size]()
+    return ModelConfig(name, [e for e in encoders if e.name in names], llm, VisualConfig(**visual, arch=arch))
+
+
+PRESETS = {f"{model_id}{size}": (lambda n=f"{model_id}{size}", m=model_id, s=size: _release_preset(n, m, s))
+           for model_id in RELEASE_MODELS for size in SIZES}
+PRESETS.update({alias: (lambda a=alias, t=target: dataclasses.replace(PRESETS[t](), name=a))
+                for alias, target in PRESET_ALIASES.items()})
 
 # The single-encoder baseline of each MERV preset: the main job runs both.
-BASELINE_OF = {"merv-7b": "single-7b", "merv-1b": "single-1b", "tiny": "single-tiny"}
+BASELINE_OF = {"merv-7b": "single-7b", "merv-1b": "single-1b", "tiny": "single-tiny",
+               **{f"{model_id}{size}": f"languagebind-single{size}" for model_id in RELEASE_MODELS
+                  if model_id != "languagebind-single" for size in SIZES}}
 
 
 # ----------------------------------------------------------------------------------------------- loading + overrides
@@ -321,8 +437,20 @@ def get_preset(name: str) -> ModelConfig:
     if name not in PRESETS:
         raise ConfigError(f"unknown preset {name!r}; presets are {sorted(PRESETS)}")
     cfg = PRESETS[name]()
+    _apply_resize_strategy(cfg)
     validate(cfg)
     return cfg
+
+
+def _apply_resize_strategy(cfg: ModelConfig) -> None:
+    """Give each encoder the preprocessing of `visual.image_resize_strategy`, unless its spec was made for it
+    (then any field set on it by hand stays)."""
+    for enc in cfg.encoders:
+        if enc.preprocess.strategy != cfg.visual.image_resize_strategy:
+            if cfg.visual.image_resize_strategy not in RESIZE_STRATEGIES:
+                raise ConfigError(f"visual.image_resize_strategy={cfg.visual.image_resize_strategy!r}; choose one of "
+                                  f"{list(RESIZE_STRATEGIES)}")
+            enc.preprocess = preprocess_spec(enc.name, cfg.visual.image_resize_strategy, enc.image_size)
 
 
 def _parse_value(text: str) -> Any:
@@ -364,11 +492,14 @@ def _set_path(obj: Any, path: list[str], value: Any, full_key: str) -> None:
 
 
 def _select_encoders(encoders: list[EncoderConfig], names: list[str], key: str) -> list[EncoderConfig]:
+    """Keep a subset of the encoders in the order given; a release backbone id (VIDEO_BACKBONES) brings that
+    encoder at full size in its place."""
     by_name = {e.name: e for e in encoders}
-    missing = [n for n in names if n not in by_name]
+    missing = [n for n in names if n not in by_name and n not in VIDEO_BACKBONES]
     if missing:
-        raise ConfigError(f"override {key!r}: unknown encoder(s) {missing}; have {list(by_name)}")
-    return [by_name[n] for n in names]
+        raise ConfigError(f"override {key!r}: unknown encoder(s) {missing}; have {list(by_name)}, or a release "
+                          f"backbone id of {sorted(VIDEO_BACKBONES)}")
+    return [by_name[n] if n in by_name else VIDEO_BACKBONES[n]() for n in names]
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -391,6 +522,7 @@ def apply_overrides(cfg: ModelConfig, overrides: dict[str, Any]) -> ModelConfig:
     for key, value in overrides.items():
         dotted = key.replace("__", ".")
         _set_path(cfg, dotted.split("."), value, dotted)
+    _apply_resize_strategy(cfg)
     validate(cfg)
     return cfg
 
@@ -455,14 +587,18 @@ def validate(cfg: ModelConfig) -> None:
             raise ConfigError(f"encoder {enc.name!r}: layers_run={enc.layers_run} outside 1..{enc.num_layers}")
         if enc.hidden_size % enc.num_heads:
             raise ConfigError(f"encoder {enc.name!r}: hidden_size {enc.hidden_size} not divisible by heads")
-        if cfg.visual.frames_sampled % enc.frames:
+        if cfg.frames_sampled % enc.frames:
             raise ConfigError(f"encoder {enc.name!r}: takes {enc.frames} frames, which does not divide the "
-                              f"{cfg.visual.frames_sampled} frames sampled")
+                              f"{cfg.frames_sampled} frames sampled")
+        if enc.output not in ("tokens", "pooled") or (enc.output == "pooled" and enc.name != "siglip"):
+            raise ConfigError(f"encoder {enc.name!r}: output={enc.output!r}; 'tokens', or 'pooled' for SigLIP's ids "
+                              f"without -all-no-cls")
         if enc.frames % enc.tubelet or (enc.clip_frames and enc.frames % enc.clip_frames):
             raise ConfigError(f"encoder {enc.name!r}: frames {enc.frames} not divisible by its tubelet/clip")
         if enc.attention not in ENCODER_ATTENTION:
             raise ConfigError(f"encoder {enc.name!r}: attention={enc.attention!r}; choose one of "
                               f"{list(ENCODER_ATTENTION)}")
+    _validate_visual(cfg)
     runtime = cfg.encoder_runtime
     if runtime.mode not in ENCODER_MODES:
         raise ConfigError(f"encoders.mode={runtime.mode!r}; choose one of {list(ENCODER_MODES)}")
@@ -497,3 +633,32 @@ def validate(cfg: ModelConfig) -> None:
         raise ConfigError(f"kernels={cfg.kernels!r}; choose one of {list(KERNEL_BACKENDS)}")
     if cfg.llm.hidden_size % cfg.llm.num_heads or cfg.llm.num_heads % cfg.llm.num_kv_heads:
         raise ConfigError("llm: hidden_size must divide by num_heads and num_heads by num_kv_heads")
+
+
+def _validate_visual(cfg: ModelConfig) -> None:
+    """The architecture specifier and fusion against the encoders, as the release's constructor checks them
+    (merv/models/vidlms/merv.py:174-207): every encoder must yield the same number of tokens."""
+    try:
+        spec = parse_arch(cfg.visual.arch)
+        check_fusion(cfg.visual.fusion)
+        grids = [cfg.token_grid(e) for e in cfg.encoders]
+    except ArchError as err:
+        raise ConfigError(str(err)) from None
+    if len(cfg.encoders) > 1:
+        if spec.pooling is None:
+            raise ConfigError(f"visual.arch={cfg.visual.arch!r}: without pooling the release runs one encoder only "
+                              f"(merv/models/vidlms/merv.py:186-193); this model has {len(cfg.encoders)}")
+        if len({t * h * w for t, h, w in grids}) > 1:
+            raise ConfigError(f"visual.arch={cfg.visual.arch!r}: the encoders yield different token grids "
+                              f"{dict(zip([e.name for e in cfg.encoders], grids))}; the release asserts they agree "
+                              f"(merv/models/vidlms/merv.py:176-184)")
+    if spec.projector == "none" and not spec.projector_input_is_llm_width:
+        wrong = [e.name for e in cfg.encoders if e.hidden_size != cfg.llm.hidden_size]
+        if wrong:
+            raise ConfigError(f"visual.arch={cfg.visual.arch!r}: the 'none' projector passes encoder features on "
+                              f"as they are, so {wrong} must be {cfg.llm.hidden_size} wide (the LLM's width)")
+    if spec.pooling == "attntv":
+        for e in cfg.encoders:
+            if e.hidden_size % 8:
+                raise ConfigError(f"visual.arch={cfg.visual.arch!r}: attntv's 8-head pooler needs widths that divide "
+                                  f"by 8 (the release asserts it); {e.name} is {e.hidden_size}")

@@ -72,7 +72,7 @@ def test_tiny_step_on_gpu_matches_cpu():
     losses = []
     for model, device in ((cpu, "cpu"), (gpu, "cuda")):
         bb = b.to(device)
-        pixels = preprocess_all(bb.frames, model.config.encoders, model.config.visual.frames_sampled, bb.flip)
+        pixels = preprocess_all(bb.frames, model.config.encoders, model.config.frames_sampled, bb.flip)
         out = model(bb.input_ids, bb.attention_mask, bb.labels, pixels=pixels)
         out.loss.backward()
         losses.append((out.loss.item(), model.visual.projectors[0].weight.grad.cpu()))

@@ -16,7 +16,7 @@ def test_micro_batches_are_length_grouped_and_count_real_tokens():
     assert widths == sorted(widths) and all(b[0].shape[0] == 8 for b in batches)
     ids, mask, labels, visual = batches[0]
     assert bool((ids[:, 0] == 1).all()) and bool((labels[mask == 0] == -100).all())
-    assert real_tokens(batches[0]) == int(mask.sum()) + 8 * cfg.visual.num_tokens
+    assert real_tokens(batches[0]) == int(mask.sum()) + 8 * cfg.num_visual_tokens
 
 
 def test_llm_area_writes_a_row_per_mode_and_backend(tmp_path):

@@ -49,10 +49,12 @@ TORCH_LIBRARY(merv_fast, m) {
   m.def("build_info() -> str", &merv_fast::build_info);
   // Fused per-encoder preprocessing (kernels/csrc/preprocess.cpp, CPU): uint8 frames [B, T, H, W, 3] -> per spec
   // [B, ceil(T / stride), 3, S, S]. One list entry per encoder; codes as kernels/preprocess.py's _RESIZE_CODE,
-  // _INTERP_CODE, _DTYPE_CODE; mean and std hold 3 values per spec.
+  // _INTERP_CODE, _DTYPE_CODE; mean and std hold 3 values per spec; short_side is resize_crop's short side; fill
+  // holds 3 uint8 values per spec for a letterbox pad, or -1, -1, -1 for none.
   m.def("preprocess_frames(Tensor frames, int[] sizes, int[] resize, int[] interp, bool[] antialias, float[] mean, "
-        "float[] std, int[] stride, bool[] random_flip, int[] dtype, Tensor? flip) -> Tensor[]");
+        "float[] std, int[] stride, bool[] random_flip, int[] dtype, int[] short_side, int[] fill, Tensor? flip) "
+        "-> Tensor[]");
   m.def("preprocess_frames_out(Tensor frames, int[] sizes, int[] resize, int[] interp, bool[] antialias, "
-        "float[] mean, float[] std, int[] stride, bool[] random_flip, int[] dtype, Tensor? flip, "
-        "Tensor(a!)[] out) -> ()");
+        "float[] mean, float[] std, int[] stride, bool[] random_flip, int[] dtype, int[] short_side, int[] fill, "
+        "Tensor? flip, Tensor(a!)[] out) -> ()");
 }

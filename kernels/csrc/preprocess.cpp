@@ -29,7 +29,7 @@ namespace merv_fast {
 namespace {
 
 // Codes shared with kernels/preprocess.py (_RESIZE_CODE, _INTERP_CODE, _DTYPE_CODE).
-enum Resize : int64_t { kSquash = 0, kShortSideCrop = 1 };
+enum Resize : int64_t { kSquash = 0, kShortSideCrop = 1, kResizeCrop = 2 };
 enum Interp : int64_t { kBilinear = 0, kBicubic = 1 };
 enum OutDtype : int64_t { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
 
@@ -39,6 +39,9 @@ struct AxisTable {
   std::vector<float> w;
   int64_t max_taps = 0;
   int64_t lo = 0, hi = 0;  // the input range [lo, hi) any output reads
+  // With a letterbox pad, per output: the sum of all its weights and of those on real (unpadded) samples. The pad's
+  // constant contributes fill * (total_y * total_x - real_y * real_x) to an output pixel.
+  std::vector<float> total, real;
 };
 
 // PIL's filters, as torch's antialiased resize uses them (bicubic with a = -0.5, unlike the non-antialiased -0.75).
@@ -70,7 +73,10 @@ void cubic_coeffs(float t, float c[4]) {
 // The arithmetic mirrors torch's CPU upsample kernels for float tensors with align_corners=False and no scale factor:
 // scale = float(in) / resized, and source coordinates computed in float, so the weights are torch's to the last bit
 // or nearly (the sums are then ordered differently, a few ulp).
-AxisTable make_axis(int64_t in, int64_t resized, int64_t offset, int64_t count, int64_t interp, bool antialias) {
+AxisTable make_axis(int64_t in, int64_t resized, int64_t offset, int64_t count, int64_t interp, bool antialias,
+                    int64_t pad = -1) {
+  // pad >= 0 (a letterbox): `in` counts the padded samples, the real ones are [pad, in - pad), and the weight sums
+  // are recorded.
   AxisTable t;
   const float scale = static_cast<float>(in) / static_cast<float>(resized);
   std::vector<std::vector<std::pair<int64_t, float>>> taps(count);  // (input index, weight), indices ascending
@@ -117,13 +123,27 @@ AxisTable make_axis(int64_t in, int64_t resized, int64_t offset, int64_t count, 
         else tp.emplace_back(idx, c[k]);
       }
     }
+    if (pad >= 0) {  // keep the real samples' taps (shifted to real indices); record the pad's share
+      float total = 0.0f, real = 0.0f;
+      std::vector<std::pair<int64_t, float>> kept;
+      for (const auto& p : tp) {
+        total += p.second;
+        if (p.first >= pad && p.first < in - pad) {
+          kept.emplace_back(p.first - pad, p.second);
+          real += p.second;
+        }
+      }
+      tp.swap(kept);
+      t.total.push_back(total);
+      t.real.push_back(real);
+    }
     t.max_taps = std::max<int64_t>(t.max_taps, static_cast<int64_t>(tp.size()));
   }
 
   t.start.resize(count);
   t.taps.resize(count);
   t.w.assign(count * std::max<int64_t>(t.max_taps, 1), 0.0f);
-  t.lo = in;
+  t.lo = in - 2 * std::max<int64_t>(pad, 0);
   t.hi = 0;
   for (int64_t o = 0; o < count; ++o) {
     const auto& tp = taps[o];
@@ -139,18 +159,40 @@ AxisTable make_axis(int64_t in, int64_t resized, int64_t offset, int64_t count, 
   return t;
 }
 
-// The release's short_side_crop geometry (kernels/preprocess.py `short_side_geometry`): the resized sides truncate,
-// and the crop offset is int(round(excess / 2.0)) with Python's round, i.e. half to even.
+// The crop offset int(round(excess / 2.0)) with Python's round, i.e. half to even (kernels/preprocess.py).
 int64_t round_half_even_half(int64_t excess) {
   const int64_t q = excess / 2;
   return (excess % 2 == 0 || q % 2 == 0) ? q : q + 1;
 }
 
+// kernels/preprocess.py `resize_geometry`, to the same double arithmetic: the resized size of the (padded) frame.
+void resized_size(int64_t resize, int64_t h, int64_t w, int64_t size, int64_t short_side, int64_t* new_h,
+                  int64_t* new_w) {
+  if (resize == kShortSideCrop) {  // LanguageBind's ShortSideScale: floor((long / short) * size)
+    if (w < h) {
+      *new_h = static_cast<int64_t>(std::floor((static_cast<double>(h) / w) * size));
+      *new_w = size;
+    } else {
+      *new_h = size;
+      *new_w = static_cast<int64_t>(std::floor((static_cast<double>(w) / h) * size));
+    }
+  } else if (resize == kResizeCrop) {  // torchvision's Resize(int): int(short_side * long / short)
+    const int64_t small = std::min(h, w), large = std::max(h, w);
+    const int64_t long_side = static_cast<int64_t>(static_cast<double>(short_side * large) / small);
+    *new_h = w <= h ? long_side : short_side;
+    *new_w = w <= h ? short_side : long_side;
+  } else {
+    *new_h = size;
+    *new_w = size;
+  }
+}
+
 struct SpecPlan {
   int64_t size, stride, t_out, dtype;
-  bool flips;
+  bool flips, letterbox = false;
   AxisTable rows, cols;
   float mul[3], add[3];  // (v / 255 - mean) / std = v * mul + add
+  float fill[3] = {0.0f, 0.0f, 0.0f};  // the letterbox pad's colour, uint8 units
 };
 
 template <typename T>
@@ -200,6 +242,12 @@ void resize_row(const SpecPlan& sp, const uint8_t* src, int64_t sh, int64_t sw, 
       a1 += wx[k] * b[3 * k + 1];
       a2 += wx[k] * b[3 * k + 2];
     }
+    if (sp.letterbox) {  // the pad's constant, weighted by the filter's share outside the real frame
+      const float share = R.total[oy] * C.total[ox] - R.real[oy] * C.real[ox];
+      a0 += sp.fill[0] * share;
+      a1 += sp.fill[1] * share;
+      a2 += sp.fill[2] * share;
+    }
     acc[ox * 3] = a0;
     acc[ox * 3 + 1] = a1;
     acc[ox * 3 + 2] = a2;
@@ -222,7 +270,7 @@ void store_row(const SpecPlan& sp, const float* acc, int64_t oy, bool flip, OutT
 void check_specs(const at::Tensor& frames, c10::IntArrayRef sizes, c10::IntArrayRef resize, c10::IntArrayRef interp,
                  const c10::List<bool>& antialias, c10::ArrayRef<double> mean, c10::ArrayRef<double> std_,
                  c10::IntArrayRef stride, const c10::List<bool>& random_flip, c10::IntArrayRef dtype,
-                 const std::optional<at::Tensor>& flip) {
+                 c10::IntArrayRef short_side, c10::IntArrayRef fill, const std::optional<at::Tensor>& flip) {
   TORCH_CHECK(frames.device().is_cpu() && frames.scalar_type() == at::kByte && frames.dim() == 5 &&
                   frames.size(4) == 3,
               "preprocess_frames: frames must be CPU uint8 [B, T, H, W, 3], got ", frames.scalar_type(), " ",
@@ -230,11 +278,15 @@ void check_specs(const at::Tensor& frames, c10::IntArrayRef sizes, c10::IntArray
   TORCH_CHECK(frames.size(2) > 0 && frames.size(3) > 0, "preprocess_frames: empty frames ", frames.sizes());
   const size_t n = sizes.size();
   TORCH_CHECK(n > 0 && resize.size() == n && interp.size() == n && antialias.size() == n && mean.size() == 3 * n &&
-                  std_.size() == 3 * n && stride.size() == n && random_flip.size() == n && dtype.size() == n,
+                  std_.size() == 3 * n && stride.size() == n && random_flip.size() == n && dtype.size() == n &&
+                  short_side.size() == n && fill.size() == 3 * n,
               "preprocess_frames: the per-spec lists disagree in length");
   for (size_t s = 0; s < n; ++s) {
     TORCH_CHECK(sizes[s] > 0 && stride[s] > 0, "preprocess_frames: size and stride must be positive");
-    TORCH_CHECK(resize[s] == kSquash || resize[s] == kShortSideCrop, "preprocess_frames: bad resize code ", resize[s]);
+    TORCH_CHECK(resize[s] == kSquash || resize[s] == kShortSideCrop || resize[s] == kResizeCrop,
+                "preprocess_frames: bad resize code ", resize[s]);
+    TORCH_CHECK(short_side[s] >= sizes[s], "preprocess_frames: short_side below the size");
+    TORCH_CHECK(fill[3 * s] < 0 || resize[s] != kSquash, "preprocess_frames: a letterbox needs a cropping resize");
     TORCH_CHECK(interp[s] == kBilinear || interp[s] == kBicubic, "preprocess_frames: bad interpolation code ",
                 interp[s]);
     TORCH_CHECK(dtype[s] >= kFloat32 && dtype[s] <= kFloat16, "preprocess_frames: bad dtype code ", dtype[s]);
@@ -253,8 +305,9 @@ at::ScalarType out_scalar_type(int64_t code) {
 void preprocess_frames_out(const at::Tensor& frames, c10::IntArrayRef sizes, c10::IntArrayRef resize,
                            c10::IntArrayRef interp, const c10::List<bool>& antialias, c10::ArrayRef<double> mean,
                            c10::ArrayRef<double> std_, c10::IntArrayRef stride, const c10::List<bool>& random_flip,
-                           c10::IntArrayRef dtype, const std::optional<at::Tensor>& flip, at::TensorList out) {
-  check_specs(frames, sizes, resize, interp, antialias, mean, std_, stride, random_flip, dtype, flip);
+                           c10::IntArrayRef dtype, c10::IntArrayRef short_side, c10::IntArrayRef fill,
+                           const std::optional<at::Tensor>& flip, at::TensorList out) {
+  check_specs(frames, sizes, resize, interp, antialias, mean, std_, stride, random_flip, dtype, short_side, fill, flip);
   const int64_t B = frames.size(0), T = frames.size(1), H = frames.size(2), W = frames.size(3);
   const size_t n = sizes.size();
   TORCH_CHECK(out.size() == n, "preprocess_frames_out: ", n, " specs but ", out.size(), " outputs");
@@ -268,16 +321,24 @@ void preprocess_frames_out(const at::Tensor& frames, c10::IntArrayRef sizes, c10
     p.t_out = (T + p.stride - 1) / p.stride;
     p.dtype = dtype[s];
     p.flips = random_flip.get(s) && flip.has_value();
+    // Letterbox (kernels/preprocess.py `letterbox_padding`): int((max - side) / 2) on each side.
+    p.letterbox = fill[3 * s] >= 0;
+    int64_t pad_h = 0, pad_w = 0;
+    if (p.letterbox) {
+      const int64_t side = std::max(H, W);
+      pad_h = (side - H) / 2;
+      pad_w = (side - W) / 2;
+      for (int c = 0; c < 3; ++c) p.fill[c] = static_cast<float>(fill[3 * s + c]);
+    }
+    const int64_t hp = H + 2 * pad_h, wp = W + 2 * pad_w;
     int64_t new_h = p.size, new_w = p.size, top = 0, left = 0;
-    if (resize[s] == kShortSideCrop) {
-      const double scale = static_cast<double>(p.size) / static_cast<double>(std::min(H, W));
-      new_h = std::max<int64_t>(p.size, static_cast<int64_t>(H * scale));
-      new_w = std::max<int64_t>(p.size, static_cast<int64_t>(W * scale));
+    resized_size(resize[s], hp, wp, p.size, short_side[s], &new_h, &new_w);
+    if (resize[s] != kSquash) {
       top = round_half_even_half(new_h - p.size);
       left = round_half_even_half(new_w - p.size);
     }
-    p.rows = make_axis(H, new_h, top, p.size, interp[s], antialias.get(s));
-    p.cols = make_axis(W, new_w, left, p.size, interp[s], antialias.get(s));
+    p.rows = make_axis(hp, new_h, top, p.size, interp[s], antialias.get(s), p.letterbox ? pad_h : -1);
+    p.cols = make_axis(wp, new_w, left, p.size, interp[s], antialias.get(s), p.letterbox ? pad_w : -1);
     for (int c = 0; c < 3; ++c) {
       const float sd = static_cast<float>(std_[3 * s + c]);
       p.mul[c] = 1.0f / (255.0f * sd);
@@ -301,7 +362,8 @@ void preprocess_frames_out(const at::Tensor& frames, c10::IntArrayRef sizes, c10
     size_t leader = s;
     for (size_t r = 0; r < s; ++r)
       if (sizes[r] == sizes[s] && resize[r] == resize[s] && interp[r] == interp[s] &&
-          antialias.get(r) == antialias.get(s) && stride[r] == stride[s]) {
+          antialias.get(r) == antialias.get(s) && stride[r] == stride[s] && short_side[r] == short_side[s] &&
+          fill[3 * r] == fill[3 * s] && fill[3 * r + 1] == fill[3 * s + 1] && fill[3 * r + 2] == fill[3 * s + 2]) {
         leader = r;
         break;
       }
@@ -374,15 +436,17 @@ std::vector<at::Tensor> preprocess_frames(const at::Tensor& frames, c10::IntArra
                                           c10::IntArrayRef interp, const c10::List<bool>& antialias,
                                           c10::ArrayRef<double> mean, c10::ArrayRef<double> std_,
                                           c10::IntArrayRef stride, const c10::List<bool>& random_flip,
-                                          c10::IntArrayRef dtype, const std::optional<at::Tensor>& flip) {
-  check_specs(frames, sizes, resize, interp, antialias, mean, std_, stride, random_flip, dtype, flip);
+                                          c10::IntArrayRef dtype, c10::IntArrayRef short_side, c10::IntArrayRef fill,
+                                          const std::optional<at::Tensor>& flip) {
+  check_specs(frames, sizes, resize, interp, antialias, mean, std_, stride, random_flip, dtype, short_side, fill, flip);
   const int64_t B = frames.size(0), T = frames.size(1);
   std::vector<at::Tensor> out;
   for (size_t s = 0; s < sizes.size(); ++s) {
     const int64_t t_out = (T + stride[s] - 1) / stride[s];
     out.push_back(at::empty({B, t_out, 3, sizes[s], sizes[s]}, frames.options().dtype(out_scalar_type(dtype[s]))));
   }
-  preprocess_frames_out(frames, sizes, resize, interp, antialias, mean, std_, stride, random_flip, dtype, flip, out);
+  preprocess_frames_out(frames, sizes, resize, interp, antialias, mean, std_, stride, random_flip, dtype, short_side,
+                        fill, flip, out);
   return out;
 }
 

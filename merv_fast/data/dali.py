@@ -54,6 +54,7 @@ import numpy as np
 import torch
 
 from merv_fast.config import EncoderConfig
+from merv_fast.kernels.preprocess import short_side_geometry
 
 # Largest deviation from the torch reference (normalised units) the tests accept, per (interpolation, antialias).
 DALI_TOLERANCE = {("bilinear", False): {"max": 1e-3, "mean": 1e-5},
@@ -122,13 +123,6 @@ def resolve_device(device: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- geometry
-def short_side_geometry(h: int, w: int, size: int) -> tuple[int, int, int, int]:
-    """(new_h, new_w, top, left): merv_fast.data.preprocess.resize_frames' short_side_crop, to the pixel."""
-    scale = size / min(h, w)
-    new_h, new_w = max(size, int(h * scale)), max(size, int(w * scale))
-    return new_h, new_w, int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-
-
 def crop_pos(offset: int, excess: int) -> float:
     """DALI's crop anchor is crop_pos * (in - crop): a quarter pixel past the wanted offset lands on it whether DALI
     rounds or truncates the product."""
@@ -159,6 +153,10 @@ class _Branch:
 def _branch(enc: EncoderConfig, frames_sampled: int, single_frame: bool = False) -> _Branch:
     """Its resize branch; with a single frame (an image) the stride means nothing, so all strides share one."""
     p = enc.preprocess
+    if p.resize not in ("squash", "short_side_crop") or p.letterbox:
+        raise ValueError(f"encoder {enc.name!r}: the DALI loader builds squash and short_side_crop resizes only, not "
+                         f"{p.strategy!r} ({p.resize}{', letterbox' if p.letterbox else ''}); use the native or torch "
+                         f"loader")
     stride = 1 if single_frame else frames_sampled // enc.frames
     return _Branch(stride, p.resize, p.interpolation, p.antialias, enc.image_size)
 

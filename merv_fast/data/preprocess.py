@@ -28,23 +28,6 @@ def frame_stride(frames_sampled: int, enc: EncoderConfig) -> int:
     return frames_sampled // enc.frames
 
 
-def resize_frames(x: torch.Tensor, enc: EncoderConfig) -> torch.Tensor:
-    """x float [N, 3, H, W] in [0, 1] -> [N, 3, S, S] as the encoder's spec says."""
-    spec, size = enc.preprocess, enc.image_size
-    if spec.resize == "squash":
-        return F.interpolate(x, size=(size, size), mode=spec.interpolation, antialias=spec.antialias,
-                             align_corners=False)
-    if spec.resize == "short_side_crop":
-        h, w = x.shape[-2:]
-        scale = size / min(h, w)
-        new_h, new_w = max(size, int(h * scale)), max(size, int(w * scale))
-        x = F.interpolate(x, size=(new_h, new_w), mode=spec.interpolation, antialias=spec.antialias,
-                          align_corners=False)
-        top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
-        return x[..., top:top + size, left:left + size]
-    raise ValueError(f"encoder {enc.name!r}: unknown resize mode {spec.resize!r}")
-
-
 def preprocess_for_encoder(frames: torch.Tensor, enc: EncoderConfig, frames_sampled: int,
                            flip: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """frames uint8 [B, frames_sampled, H, W, 3] -> [B, T_e, 3, S, S] normalised, in `dtype`.
@@ -62,7 +45,8 @@ def encoder_input_spec(enc: EncoderConfig, frames_sampled: int,
     return _op.EncoderInputSpec(size=enc.image_size, resize=p.resize, interpolation=p.interpolation,
                                 antialias=p.antialias, mean=tuple(p.mean), std=tuple(p.std),
                                 frame_stride=frame_stride(frames_sampled, enc), random_flip=p.random_flip,
-                                out_dtype=dtype if dtype in _OP_DTYPES else torch.float32)
+                                out_dtype=dtype if dtype in _OP_DTYPES else torch.float32, short_side=p.short_side,
+                                letterbox_fill=tuple(int(m * 255) for m in p.mean) if p.letterbox else None)
 
 
 def preprocess_all(frames: torch.Tensor, encoders: Sequence[EncoderConfig], frames_sampled: int,

@@ -123,12 +123,29 @@ _PIL_FILTERS = {"bilinear": "BILINEAR", "bicubic": "BICUBIC"}
 
 
 def pil_frame_transform(frame_hwc: np.ndarray, enc: EncoderConfig) -> torch.Tensor:
-    """to_pil_image -> Resize((S, S), filter) -> CenterCrop(S) -> ToTensor -> Normalize, one frame."""
+    """to_pil_image -> [LetterboxPad] -> Resize((S, S)) or Resize(short side) -> CenterCrop(S) -> ToTensor ->
+    Normalize, one frame: the release's resize-naive, resize-crop and letterbox transforms (its timm / torchvision
+    compositions: dinov2_video.py:93-124, vivit.py:53-92, siglip.py:92-134)."""
     from PIL import Image
 
     p, size = enc.preprocess, enc.image_size
     img = Image.fromarray(frame_hwc)
-    img = img.resize((size, size), getattr(Image.Resampling, _PIL_FILTERS[p.interpolation]))
+    resample = getattr(Image.Resampling, _PIL_FILTERS[p.interpolation])
+    if p.letterbox:  # LetterboxPad: int((max - side) / 2) on each side, filled with int(mean * 255)
+        w, h = img.size
+        side = max(w, h)
+        pad_w, pad_h = int((side - w) / 2), int((side - h) / 2)
+        canvas = Image.new("RGB", (w + 2 * pad_w, h + 2 * pad_h), tuple(int(m * 255) for m in p.mean))
+        canvas.paste(img, (pad_w, pad_h))
+        img = canvas
+    if p.resize == "resize_crop":  # torchvision's Resize(int): the short side to it, the long side truncated
+        w, h = img.size
+        short = p.short_side or size
+        target = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+        if target != (w, h):
+            img = img.resize(target, resample)
+    else:
+        img = img.resize((size, size), resample)
     w, h = img.size  # CenterCrop: a no-op when the image is already size x size
     if (w, h) != (size, size):
         left, top = int(round((w - size) / 2.0)), int(round((h - size) / 2.0))

@@ -33,7 +33,7 @@ def synthetic_batches(cfg: ModelConfig, batch_size: int, text_tokens: int, count
     g = torch.Generator().manual_seed(seed)
     size = max(e.image_size for e in cfg.encoders)
     h, w = frame_hw or (size * 5 // 4, size * 3 // 2)
-    t = cfg.visual.frames_sampled
+    t = cfg.frames_sampled
     ys = torch.linspace(0, 1, h).view(1, 1, h, 1, 1)
     xs = torch.linspace(0, 1, w).view(1, 1, 1, w, 1)
     ts = torch.linspace(0, 1, t).view(1, t, 1, 1, 1)

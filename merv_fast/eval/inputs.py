@@ -41,7 +41,7 @@ def visual_tokens(model, frames: list[torch.Tensor], flips: list[bool]) -> torch
     dtype = next(model.encoders.parameters()).dtype
     frames = [f.to(device) for f in frames]
     flip = torch.tensor(flips, dtype=torch.bool, device=device)
-    pixels = preprocess_batch(frames, model.config.encoders, model.config.visual.frames_sampled, flip=flip,
+    pixels = preprocess_batch(frames, model.config.encoders, model.config.frames_sampled, flip=flip,
                               dtype=dtype)
     return model.visual_tokens(model.encode(pixels))
 

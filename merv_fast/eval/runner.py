@@ -101,7 +101,7 @@ class Answerer:
         self.model, self.tokenizer, self.settings, self.directories = model, tokenizer, settings, directories
         llm = model.config.llm
         self.prompt_format, self.max_text, self.has_bos = llm.prompt_format, llm.max_text_tokens, llm.has_bos
-        self.frames = model.config.visual.frames_sampled
+        self.frames = model.config.frames_sampled
         self.letter_ids = decide.letter_token_ids(tokenizer) if settings.task == "mc" else None
         self.cache: dict[tuple, torch.Tensor] = {}
 

@@ -64,14 +64,14 @@ def visual_area(results: ResultsFile, ceilings: dict) -> None:
         config = {"preset": preset, "batch": batch, "dtype": _dtype_name(dtype)}
         feats = _features(cfg, batch, dtype)
         rotate = [tuple(f) for f in feats]
-        moved = (sum(f.numel() for f in feats[0]) + batch * cfg.visual.num_tokens * k) * element
+        moved = (sum(f.numel() for f in feats[0]) + batch * cfg.num_visual_tokens * k) * element
         results.append(row("kernels", f"pool_concat {preset} B={batch}", config,
                            measure(lambda *f: pool_concat(list(f), grids, size), rotate=rotate),
                            measure(lambda *f: pool_concat_reference(list(f), grids, size), rotate=rotate),
                            reference_name="release: AdaptiveAvgPool3d per encoder + cat + mean",
                            bytes=moved, ceilings=ceilings))
         pooled = [pool_concat(list(f), grids, size) for f in feats]
-        gemm_flops = 2 * batch * cfg.visual.num_tokens * k * d
+        gemm_flops = 2 * batch * cfg.num_visual_tokens * k * d
         for backward in (False, True):
             leaves = [(p.detach().clone(), m.detach().clone()) for p, m in pooled]
             # as the model calls it: the projector weights concatenated on every call (autograd splits the grads)
@@ -85,7 +85,7 @@ def visual_area(results: ResultsFile, ceilings: dict) -> None:
                     reference_name="release: E nn.Linear + nn.MultiheadAttention weights + weighted sum",
                     flops=gemm_flops * (2 if backward else 1),
                     ceilings=ceilings)
-            floor = _gemm_floor(batch * cfg.visual.num_tokens, k, d, dtype, backward)
+            floor = _gemm_floor(batch * cfg.num_visual_tokens, k, d, dtype, backward)
             r["floor"] = {"name": "cuBLAS forward GEMM" + (" + weight-gradient GEMM" if backward else ""),
                           "median_ms": floor.median_ms}
             r["ratio_to_floor"] = round(r["ours"]["median_ms"] / floor.median_ms, 3)

@@ -54,9 +54,9 @@ def model_shapes(preset: str, dtype: torch.dtype):
         encoders=tuple(EncoderShape(e.time_steps, tuple(e.grid), e.hidden_size) for e in cfg.encoders),
         pool_size=tuple(cfg.visual.pool_size), llm_hidden=cfg.llm.hidden_size,
         llm_intermediate=cfg.llm.intermediate_size, llm_heads=cfg.llm.num_heads, llm_kv_heads=cfg.llm.num_kv_heads,
-        sequence=cfg.visual.num_tokens + TEXT_TOKENS,
-        input_specs=tuple(encoder_input_spec(e, cfg.visual.frames_sampled, dtype) for e in cfg.encoders),
-        frames_sampled=cfg.visual.frames_sampled, frame_size=FRAME_SIZE)
+        sequence=cfg.num_visual_tokens + TEXT_TOKENS,
+        input_specs=tuple(encoder_input_spec(e, cfg.frames_sampled, dtype) for e in cfg.encoders),
+        frames_sampled=cfg.frames_sampled, frame_size=FRAME_SIZE)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

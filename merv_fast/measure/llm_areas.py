@@ -63,7 +63,7 @@ def stage2_micro_batches(cfg, count: int, *, batch: int = BATCH, text: tuple[int
         positions = torch.arange(width)[None]
         mask = (positions < group[:, None]).long()
         labels = ids.masked_fill((positions < group[:, None] // 3) | (mask == 0), IGNORE_INDEX)
-        visual = torch.randn(batch, cfg.visual.num_tokens, cfg.llm.hidden_size, generator=g) * 0.02
+        visual = torch.randn(batch, cfg.num_visual_tokens, cfg.llm.hidden_size, generator=g) * 0.02
         out.append(tuple(t.to(device) for t in (ids, mask, labels, visual)))
     return out
 
@@ -138,7 +138,7 @@ def llm_area(results: ResultsFile, ceilings: dict) -> None:
                 layers = cfg.llm.num_layers
                 config = {"preset": preset, "mode": mode, "attention": backend, "auto_attention": auto,
                           "auto_why": auto_why, "batch": BATCH, "text_tokens": list(TEXT_TOKENS),
-                          "visual_tokens": cfg.visual.num_tokens, "pack_budget": PACK_BUDGET,
+                          "visual_tokens": cfg.num_visual_tokens, "pack_budget": PACK_BUDGET,
                           "llm_layers": layers if preset != "merv-7b" else
                           f"{layers} of 32 (what fits the area's 300 s budget and memory)",
                           "dtype": "fp32 weights, bf16 autocast" if FULL else "fp32",

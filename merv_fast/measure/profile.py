@@ -322,6 +322,9 @@ def run_profile(settings: ProfileSettings | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     batches = synthetic_batches(get_preset(s.preset), s.batch_size, s.text_tokens, count=2, seed=s.seed)
     merv = profile_model(s.preset, s, batches, out / f"trace_{s.preset}.json")
+    base_cfg = get_preset(s.baseline)  # its own frame sampling (the release's rule) over the same synthetic clips
+    if base_cfg.frames_sampled != get_preset(s.preset).frames_sampled:
+        batches = synthetic_batches(base_cfg, s.batch_size, s.text_tokens, count=2, seed=s.seed)
     base = profile_model(s.baseline, replace(s), batches, out / f"trace_{s.baseline}.json")
     print(format_table(merv, base))
     plots = save_plots(merv, base, out)

@@ -88,7 +88,7 @@ def _visual_kernels(checks: _Checks, cfg) -> None:
     weight = torch.cat([p.weight for p in visual.projectors], 1).detach()
     bias = torch.stack([p.bias for p in visual.projectors]).detach()
     fusion = visual.fusion.weights(DTYPE)
-    grad_out = _randn(1, cfg.visual.num_tokens, cfg.llm.hidden_size)
+    grad_out = _randn(1, cfg.num_visual_tokens, cfg.llm.hidden_size)
     outs = {}
     start = time.perf_counter()
     for backend, dtype in (("triton", DTYPE), ("torch", torch.float32)):
@@ -120,11 +120,11 @@ def _preprocess(checks: _Checks, cfg) -> None:
     h, w = (360, 640) if FULL else (40, 56)
     # On a CPU (the interpreter) two frames, which every spec's frame stride still takes one of: the check there is
     # of the code path, and each interpreted program costs milliseconds.
-    count = cfg.visual.frames_sampled if FULL else 2
+    count = cfg.frames_sampled if FULL else 2
     frames = torch.randint(0, 256, (1, count, h, w, 3), dtype=torch.uint8, device=DEVICE)
     flip = torch.tensor([True], device=DEVICE)
-    specs = [encoder_input_spec(e, cfg.visual.frames_sampled, DTYPE) for e in cfg.encoders]
-    ref_specs = [encoder_input_spec(e, cfg.visual.frames_sampled, torch.float32) for e in cfg.encoders]
+    specs = [encoder_input_spec(e, cfg.frames_sampled, DTYPE) for e in cfg.encoders]
+    ref_specs = [encoder_input_spec(e, cfg.frames_sampled, torch.float32) for e in cfg.encoders]
     start = time.perf_counter()
     got = preprocess_triton(frames, specs, flip)
     want = preprocess_reference(frames, ref_specs, flip)

@@ -35,7 +35,7 @@ class MERV(nn.Module):
 
     @property
     def num_visual_tokens(self) -> int:
-        return self.config.visual.num_tokens
+        return self.config.num_visual_tokens
 
     def train(self, mode: bool = True):
         super().train(mode)

@@ -1,24 +1,26 @@
 """Import and export of the MERV release's checkpoints.
 
 The release saves `torch.save({"model": {"projectors": ..., "feature_fusion": ..., "llm_backbone": ...}, ...})`.
-Flattened, its keys are
+Flattened, its keys for merv-base are
   projectors.{e}.projector.projector.{weight,bias}   (each projector wraps its Linear twice; e = encoder index)
   feature_fusion.Q, feature_fusion.attention.{q,k,v}_proj_weight / in_proj_bias / out_proj.{weight,bias}
   llm_backbone.llm.<transformers key>
-Some release versions name the fusion group `adapter`; it is accepted on load. Export always writes
-`feature_fusion`.
+and for the other architecture specifiers and fusions whatever the release's modules name (`release_names`).
+Some release versions name the fusion group `adapter`, or a single encoder's projector group `projector`; both are
+accepted on load. Export always writes `feature_fusion` and `projectors`.
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from merv_fast.arch import ArchSpec, parse_arch
+
 FUSION_GROUP_ALIASES = ("feature_fusion", "adapter")
-_PROJECTOR = re.compile(r"^projectors\.(\d+)\.projector\.projector\.(weight|bias)$")
+_LAST_LINEAR = {"linear": "", "gelu-mlp": ".2", "fused-gelu-mlp": ".4"}  # the last Linear in the release's MLP
 
 
 class ReleaseCheckpointError(ValueError):
@@ -41,42 +43,57 @@ def flatten_release(tree: dict[str, Any], prefix: str = "") -> dict[str, torch.T
     return flat
 
 
-def release_to_ours(key: str) -> str | None:
-    """A flat release key -> our parameter name (None if it is not a model weight we know)."""
-    m = _PROJECTOR.match(key)
-    if m:
-        return f"visual.projectors.{m.group(1)}.{m.group(2)}"
-    for group in FUSION_GROUP_ALIASES:
-        if key == f"{group}.Q":
-            return "visual.fusion.query"
-        if key.startswith(f"{group}.attention."):
-            return "visual.fusion.attention." + key[len(f"{group}.attention."):]
-    if key.startswith("llm_backbone.llm."):
-        return "llm." + key[len("llm_backbone.llm."):]
-    return None
-
-
-def ours_to_release(name: str) -> str:
-    if name.startswith("visual.projectors."):
-        index, leaf = name[len("visual.projectors."):].split(".")
-        return f"projectors.{index}.projector.projector.{leaf}"
-    if name == "visual.fusion.query":
-        return "feature_fusion.Q"
-    if name.startswith("visual.fusion.attention."):
-        return "feature_fusion.attention." + name[len("visual.fusion.attention."):]
-    if name.startswith("llm."):
-        return "llm_backbone.llm." + name[len("llm."):]
+def visual_release_name(name: str, spec: ArchSpec, fusion: str) -> str:
+    """One of our `visual.*` names -> the release's flat key, for the parsed `visual.arch` and the `visual.fusion`
+    (merv/models/vidlms/merv.py:152-227 builds those modules; merv/util/nn_utils.py names their parameters)."""
+    parts = name.split(".")
+    group, rest = parts[1], parts[2:]
+    # A projector is the release's LinearProjector / MLPProjector (`.projector`), wrapped once more when a pooler holds
+    # it (`projectors.{e}.projector.projector`, merv.py:152-163) and bare without pooling (merv.py:165-172).
+    mlp = ".projector.projector" if spec.pooling else ".projector"
+    if group == "projectors":
+        return f"projectors.{rest[0]}{mlp}{_LAST_LINEAR[spec.projector]}.{'.'.join(rest[1:])}"
+    if group == "heads":
+        return f"projectors.{rest[0]}{mlp}.{'.'.join(rest[1:])}"
+    if group == "poolers":
+        return f"projectors.{'.'.join(rest)}"
+    if group == "fusion":
+        return "feature_fusion.Q" if rest == ["query"] else "feature_fusion." + ".".join(rest)
+    if group == "channel_fusion":
+        if rest[0] == "norm":
+            return "feature_fusion.0." + ".".join(rest[1:])
+        inner = "feature_fusion.1.projector." if fusion == "concat_channel_ln" else "feature_fusion.projector."
+        return inner + ".".join(rest[1:])
     raise KeyError(name)
 
 
-def _exported_names(model) -> list[str]:
-    return [n for n in model.state_dict() if n.startswith(("visual.", "llm."))]
+def release_names(model) -> dict[str, str]:
+    """Our exported parameter name -> the release's flat key, for every tensor of `model` a release checkpoint holds
+    (encoders are frozen and never saved, as in the release)."""
+    out = {}
+    spec, fusion = parse_arch(model.config.visual.arch), model.config.visual.fusion
+    for name in model.state_dict():
+        if name.startswith("visual."):
+            out[name] = visual_release_name(name, spec, fusion)
+        elif name.startswith("llm."):
+            out[name] = "llm_backbone.llm." + name[len("llm."):]
+    return out
 
 
 def to_release_state_dict(model) -> dict[str, torch.Tensor]:
-    """Our trainable parts in the release's flat key layout (encoders are frozen and never saved, as in the release)."""
+    """Our trainable parts in the release's flat key layout."""
     sd = model.state_dict()
-    return {ours_to_release(n): sd[n].detach() for n in _exported_names(model)}
+    return {theirs: sd[ours].detach() for ours, theirs in release_names(model).items()}
+
+
+def _release_spelling(key: str) -> str:
+    """Older spellings the release's loader accepts (merv.py:273-274, 284-289): the fusion group `adapter`, and one
+    bare `projector` group for a single-encoder model."""
+    if key.startswith("adapter."):
+        return "feature_fusion." + key[len("adapter."):]
+    if key.startswith("projector."):
+        return "projectors.0." + key[len("projector."):]
+    return key
 
 
 def nest_release(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -93,19 +110,22 @@ def load_release_state_dict(model, state_dict: dict[str, Any], source: str = "<s
     shape; any key we do not recognise is an error: nothing is silently dropped or left at random init."""
     flat = flatten_release(state_dict)
     ours = model.state_dict()
-    expected = set(_exported_names(model))
+    names = release_names(model)
+    by_release = {theirs: name for name, theirs in names.items()}
     mapped: dict[str, torch.Tensor] = {}
     for key, value in flat.items():
-        name = release_to_ours(key)
-        if name is None or name not in expected:
-            raise ReleaseCheckpointError(f"{source}: key {key!r} has no place in model {model.config.name!r}")
+        name = by_release.get(_release_spelling(key))
+        if name is None:
+            raise ReleaseCheckpointError(f"{source}: key {key!r} has no place in model {model.config.name!r} "
+                                         f"(visual.arch={model.config.visual.arch!r}, "
+                                         f"visual.fusion={model.config.visual.fusion!r})")
         if tuple(value.shape) != tuple(ours[name].shape):
             raise ReleaseCheckpointError(f"{source}: key {key!r} has shape {tuple(value.shape)}, "
-                                         f"model {model.config.name!r} expects {tuple(ours[name].shape)}")
+                                         f"model {model.config.name!r} expects {tuple(ours[name].shape)} for {name!r}")
         mapped[name] = value
-    missing = sorted(expected - set(mapped))
+    missing = sorted(set(names) - set(mapped))
     if missing:
-        shown = ", ".join(repr(ours_to_release(n)) for n in missing[:5])
+        shown = ", ".join(f"{names[n]!r} (ours {n!r})" for n in missing[:5])
         raise ReleaseCheckpointError(f"{source}: {len(missing)} key(s) missing, e.g. {shown}")
     model.load_state_dict(mapped, strict=False)
 

@@ -21,15 +21,17 @@ def model_summary(model, text_tokens: int = 128, recipe: str | None = None, stag
         modules[f"encoder.{name}"] = {"trainable": t, "frozen": f, "flops_per_sample": flops.encoders[name],
                                       "layers_run": enc.config.layers_run, "of_layers": enc.config.num_layers}
     t, f = _count(model.visual)
-    modules["visual (projectors + fusion)"] = {"trainable": t, "frozen": f, "flops_per_sample": flops.visual}
+    modules["visual (poolers, projectors, fusion)"] = {"trainable": t, "frozen": f, "flops_per_sample": flops.visual}
     t, f = _count(model.llm)
     modules["llm"] = {"trainable": t, "frozen": f, "flops_per_sample": flops.llm}
     return {
         "preset": cfg.name,
         "llm": {"backbone": cfg.llm.backbone, "prompt_format": cfg.llm.prompt_format, "has_bos": cfg.llm.has_bos},
         "recipe": recipe, "stage": stage,
-        "visual_tokens": cfg.visual.num_tokens,
-        "pool_size": list(cfg.visual.pool_size),
+        "visual_tokens": cfg.num_visual_tokens,
+        "pool_size": list(model.visual.pool_size),
+        "arch": cfg.visual.arch,
+        "fusion": cfg.visual.fusion,
         "text_tokens_assumed": text_tokens,
         "modules": modules,
         "total_trainable": sum(m["trainable"] for m in modules.values()),
@@ -39,7 +41,8 @@ def model_summary(model, text_tokens: int = 128, recipe: str | None = None, stag
 
 
 def format_summary(s: dict) -> str:
-    lines = [f"preset {s['preset']}: {s['visual_tokens']} visual tokens (pool {'x'.join(map(str, s['pool_size']))}), "
+    lines = [f"preset {s['preset']} ({s['arch']}, {s['fusion']}): {s['visual_tokens']} visual tokens "
+             f"(grid {'x'.join(map(str, s['pool_size']))} per encoder), "
              f"FLOPs per video sample with {s['text_tokens_assumed']} text tokens (training step)",
              f"LLM {s['llm']['backbone']} (prompt format {s['llm']['prompt_format']}, "
              f"{'visual tokens after BOS' if s['llm']['has_bos'] else 'no BOS: visual tokens first'})"

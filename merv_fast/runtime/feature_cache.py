@@ -80,6 +80,9 @@ def weights_sha256(module: torch.nn.Module) -> str:
 
 def fingerprint(model, autocast_dtype: torch.dtype | None, storage_dtype: str) -> dict[str, Any]:
     cfg = model.config
+    if not model.visual.fixed_pooling:
+        raise FeatureCacheError(f"visual.arch={cfg.visual.arch!r}: the feature cache stores pooled features, which "
+                                f"only fixed pooling (3davg, avg) has; this pooling is learned or absent")
     encoders = []
     for enc_cfg in cfg.encoders:
         described = dataclasses.asdict(enc_cfg)
@@ -89,8 +92,8 @@ def fingerprint(model, autocast_dtype: torch.dtype | None, storage_dtype: str) -
         described["weights_dtype"] = str(next(encoder.parameters()).dtype)
         encoders.append(described)
     described = {"version": CACHE_VERSION, "encoders": encoders,
-                 "frame_sampling": {"frames_sampled": cfg.visual.frames_sampled, "rule": FRAME_RULE},
-                 "pool_size": list(cfg.visual.pool_size), "autocast": str(autocast_dtype),
+                 "frame_sampling": {"frames_sampled": cfg.frames_sampled, "rule": FRAME_RULE},
+                 "pool_size": list(model.pool_size), "autocast": str(autocast_dtype),
                  "storage_dtype": storage_dtype, "flip": FLIP_POLICY}
     return json.loads(json.dumps(described))  # as the index stores it (tuples become lists)
 
@@ -129,7 +132,7 @@ def pooled_for(model, frames: list[torch.Tensor], is_image: bool, flip: bool, na
     cfg = model.config
     enc_dtype = next(model.encoders.parameters()).dtype
     flips = torch.full((len(frames),), flip, dtype=torch.bool)
-    pixels = preprocess_batch(frames, cfg.encoders, cfg.visual.frames_sampled, flips, enc_dtype,
+    pixels = preprocess_batch(frames, cfg.encoders, cfg.frames_sampled, flips, enc_dtype,
                               is_image=torch.full((len(frames),), is_image))
     if names is None:
         features = model.encode(pixels, is_image=is_image)
@@ -207,7 +210,7 @@ def build_feature_cache(model, entries: Sequence[Entry], media_root: str | Path,
             loaded = []
             for key in keys[start:start + batch_size]:
                 try:
-                    frames = load_media(todo[key], media_root, decoder, frames=model.config.visual.frames_sampled)
+                    frames = load_media(todo[key], media_root, decoder, frames=model.config.frames_sampled)
                 except MediaError as err:
                     failed[key] = err.reason
                     continue

@@ -90,7 +90,7 @@ class StepRunner:
         model, cfg = self.model, self.config
         with phase("data"):
             b = batch.to(self.device)
-            pixels = preprocess_batch(b.frames, cfg.encoders, cfg.visual.frames_sampled, b.flip, self.enc_dtype)
+            pixels = preprocess_batch(b.frames, cfg.encoders, cfg.frames_sampled, b.flip, self.enc_dtype)
         with self.autocast():
             with phase("encoders"):
                 features = model.encode(pixels)
@@ -136,7 +136,7 @@ def train_steps(preset: str, s: BenchSettings, batches) -> dict:
         print(f"  {preset}: {kind} {i + 1}/{total}  {elapsed * 1e3:.0f} ms  loss {loss.item():.4f}", flush=True)
     step = statistics.median(step_times)
     text_per_sample = sum(text_tokens) / (len(text_tokens) * s.batch_size)  # the batches' real (unpadded) text
-    tokens_per_sample = text_per_sample + cfg.visual.num_tokens
+    tokens_per_sample = text_per_sample + cfg.num_visual_tokens
     flops = sample_flops(cfg, round(text_per_sample)).total
     peak = peak_bf16_flops(torch.cuda.get_device_name(device)) if gpu else None
     samples_per_s = s.batch_size / step
@@ -182,7 +182,7 @@ def media_batches(cfg, batch_size: int, count: int, seed: int = 0) -> list:
     videos = [e for e in load_entries(data_json) if e.kind == "video"]
     tokenizer = training_tokenizer(cfg.llm)
     dataset = VideoLLaVADataset(videos, media_root, tokenizer, prompt_format=cfg.llm.prompt_format,
-                                max_length=cfg.llm.max_text_tokens, seed=seed, frames=cfg.visual.frames_sampled)
+                                max_length=cfg.llm.max_text_tokens, seed=seed, frames=cfg.frames_sampled)
     return [collate([dataset[(i * batch_size + j) % len(dataset)] for j in range(batch_size)],
                     pad_token_id=tokenizer.pad_token_id) for i in range(count)]
 
@@ -228,6 +228,11 @@ def run_bench(settings: BenchSettings | None = None) -> dict:
     gc.collect()  # the first model's memory goes back before the second is built
     if s.device.startswith("cuda"):
         torch.cuda.empty_cache()
+    # The same clips, each model sampling its frames as the release does (a 16-frame single encoder: 16 frames over
+    # the clip, not every second of MERV's 32).
+    base_cfg = get_preset(s.baseline)
+    if base_cfg.frames_sampled != cfg.frames_sampled:
+        batches = media_batches(base_cfg, s.batch_size, count=2, seed=s.seed)
     print(f"building {s.baseline}", flush=True)
     baseline = train_steps(s.baseline, s, batches)
     device = torch.cuda.get_device_name() if s.device.startswith("cuda") else f"cpu-{torch.get_num_threads()}thread"
@@ -257,9 +262,10 @@ def format_report(r: dict) -> str:
 
     rows = [("samples/s", "samples_per_s", ".3f"), ("tokens/s", "tokens_per_s", ".1f"),
             ("step time (s)", "step_time_s", ".4f"), ("MFU", "mfu", ".3f"), ("peak memory (GiB)", None, "")]
+    w = max(14, len(m["preset"]) + 2, len(b["preset"]) + 2)  # release ids at a size run past 14 characters
     lines = [f"merv-fast bench on {r['device']}: {m['preset']} vs {b['preset']} "
              f"(batch {r['config']['batch_size']}, {r['config']['steps']} steps after {r['config']['warmup']} warm-up)",
-             f"{'':22}{m['preset']:>14}{b['preset']:>14}{'ratio':>9}"]
+             f"{'':22}{m['preset']:>{w}}{b['preset']:>{w}}{'ratio':>9}"]
     for label, key, spec in rows:
         if key is None:
             mv, bv = (None if x["peak_mem_bytes"] is None else x["peak_mem_bytes"] / 2**30 for x in (m, b))
@@ -267,10 +273,10 @@ def format_report(r: dict) -> str:
         else:
             mv, bv = m[key], b[key]
         ratio = fmt(mv / bv, ".2f") if mv is not None and bv else "-"
-        lines.append(f"{label:22}{fmt(mv, spec):>14}{fmt(bv, spec):>14}{ratio:>9}")
+        lines.append(f"{label:22}{fmt(mv, spec):>{w}}{fmt(bv, spec):>{w}}{ratio:>9}")
     lines.append("phase breakdown (s/step, medians):")
     for p in PHASES + (OTHER,):
         mv, bv = m["phases"].get(p, 0.0), b["phases"].get(p, 0.0)
-        lines.append(f"  {p:20}{mv:>14.4f}{bv:>14.4f}{(mv / bv if bv else float('nan')):>9.2f}")
+        lines.append(f"  {p:20}{mv:>{w}.4f}{bv:>{w}.4f}{(mv / bv if bv else float('nan')):>9.2f}")
     lines.append(f"step-time ratio MERV/baseline: {r['ratio_step_time']:.3f}")
     return "\n".join(lines)

@@ -149,7 +149,7 @@ def build_dataset(cfg: TrainConfig, model_cfg: ModelConfig, tokenizer, data_json
         check_media_root(entries, media_root)
     args = (entries, media_root, tokenizer)
     kwargs = dict(prompt_format=model_cfg.llm.prompt_format, max_length=model_cfg.llm.max_text_tokens,
-                  seed=cfg.seed, frames=model_cfg.visual.frames_sampled, decoder=cfg.decoder, objective=cfg.stage.data)
+                  seed=cfg.seed, frames=model_cfg.frames_sampled, decoder=cfg.decoder, objective=cfg.stage.data)
     if feature_cache is not None:
         from merv_fast.runtime.feature_cache import CachedFeatureDataset
 

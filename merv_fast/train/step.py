@@ -113,7 +113,7 @@ class Stepper:
             return Prepared(b, None)
         if self.feature_source is not None:
             return Prepared(b, None, self.feature_source(b, self.device))
-        pixels = preprocess_batch(b.frames, self.cfg.encoders, self.cfg.visual.frames_sampled, b.flip,
+        pixels = preprocess_batch(b.frames, self.cfg.encoders, self.cfg.frames_sampled, b.flip,
                                   self.enc_dtype, is_image=b.is_image)
         features = None
         if self.prefetch_encoders:
@@ -134,7 +134,7 @@ class Stepper:
         hosts = [mb.batch if isinstance(mb, Prepared) else mb for mb in micro_batches]
         k = len(micro_batches)
         has_bos = self.cfg.llm.has_bos
-        nv = self.cfg.visual.num_tokens
+        nv = self.cfg.num_visual_tokens
         # Counts first: the `tokens` normalisation needs the step's global count before any backward.
         counts = torch.zeros(6, dtype=torch.float64)
         local_targets = []

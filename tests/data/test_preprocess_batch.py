@@ -111,7 +111,7 @@ def test_encoders_take_the_expanded_view_unchanged():
     torch.manual_seed(0)
     model = build_model("tiny").eval()
     cfg = model.config
-    px = preprocess_batch([frames_of((40, 56), 1, seed=5)], cfg.encoders, cfg.visual.frames_sampled,
+    px = preprocess_batch([frames_of((40, 56), 1, seed=5)], cfg.encoders, cfg.frames_sampled,
                           torch.tensor([True]), is_image=True)
     assert any(p.stride(1) == 0 for p in px)
     got = model.encode(px, is_image=True)

@@ -47,9 +47,9 @@ def natural_frames(b: int, t: int, h: int, w: int, seed: int = 0) -> torch.Tenso
 def preset_specs(preset: str, frames: int, dtype=torch.float32) -> list[EncoderInputSpec]:
     """The preset's encoder specs, strides scaled from its frames_sampled down to `frames` frames (at least 1)."""
     cfg = get_preset(preset)
-    specs = [data_preprocess.encoder_input_spec(e, cfg.visual.frames_sampled, dtype) for e in cfg.encoders]
-    shrink = cfg.visual.frames_sampled // frames
-    return [dataclasses.replace(s, frame_stride=max(1, s.frame_stride * frames // cfg.visual.frames_sampled))
+    specs = [data_preprocess.encoder_input_spec(e, cfg.frames_sampled, dtype) for e in cfg.encoders]
+    shrink = cfg.frames_sampled // frames
+    return [dataclasses.replace(s, frame_stride=max(1, s.frame_stride * frames // cfg.frames_sampled))
             if shrink > 1 else s for s in specs]
 
 
@@ -150,13 +150,13 @@ def test_non_contiguous_input():
 def test_data_path_routes_through_op():
     """merv_fast.data.preprocess gives the same results on the native op as on the reference (its old code)."""
     cfg = get_preset("tiny")
-    frames = natural_frames(2, cfg.visual.frames_sampled, 48, 64)
+    frames = natural_frames(2, cfg.frames_sampled, 48, 64)
     flip = torch.tensor([True, False])
-    fast = data_preprocess.preprocess_all(frames, cfg.encoders, cfg.visual.frames_sampled, flip)
+    fast = data_preprocess.preprocess_all(frames, cfg.encoders, cfg.frames_sampled, flip)
     previous = kp.set_native_check(lambda: "simulated: no native library")
     try:
-        slow = data_preprocess.preprocess_all(frames, cfg.encoders, cfg.visual.frames_sampled, flip)
-        one = data_preprocess.preprocess_for_encoder(frames, cfg.encoders[0], cfg.visual.frames_sampled, flip,
+        slow = data_preprocess.preprocess_all(frames, cfg.encoders, cfg.frames_sampled, flip)
+        one = data_preprocess.preprocess_for_encoder(frames, cfg.encoders[0], cfg.frames_sampled, flip,
                                                      torch.bfloat16)
     finally:
         kp.set_native_check(previous)
@@ -270,3 +270,86 @@ def test_reference_vs_pil(interpolation):
         assert clipped.numel() == 0  # the triangle filter never overshoots
     else:
         assert clipped.max() < 24.0
+
+
+# ----------------------------------------------------------------------------------------------- resize strategies
+def test_geometry_follows_the_release_formulas():
+    import math
+
+    for h, w in [(105, 915), (107, 107), (107, 214), (240, 320), (481, 640), (915, 105)]:
+        # LanguageBind's ShortSideScale (processing_video.py:33-60): floor((long / short) * size) for the long side
+        new_h, new_w, _, _ = short_side_geometry(h, w, 224)
+        assert (new_h, new_w) == ((int(math.floor((h / w) * 224)), 224) if w < h else
+                                  (224, int(math.floor((w / h) * 224)))), (h, w)
+        # torchvision's Resize(int): the long side int(size * long / short)
+        rh, rw, _, _ = kp.resize_crop_geometry(h, w, 256, 224)
+        small, large = min(h, w), max(h, w)
+        assert sorted((rh, rw)) == [256, int(256 * large / small)] and (rh >= rw) == (h >= w), (h, w)
+    assert short_side_geometry(105, 915, 224)[:2] == (224, 1951)  # the former int(915 * (224 / 105)) gave 1952
+    assert kp.letterbox_padding(481, 640) == (79, 0)  # odd difference: 639 x 640, one row short of square
+
+
+def strategy_specs(size: int, dtype=torch.float32) -> list[EncoderInputSpec]:
+    from merv_fast.config import IMAGENET_MEAN, IMAGENET_STD
+
+    fill = tuple(int(m * 255) for m in IMAGENET_MEAN)
+    return [EncoderInputSpec(size, "resize_crop", "bicubic", True, IMAGENET_MEAN, IMAGENET_STD, out_dtype=dtype),
+            EncoderInputSpec(size, "resize_crop", "bilinear", True, HALF, HALF, short_side=round(size * 256 / 224),
+                             frame_stride=2, out_dtype=dtype),
+            EncoderInputSpec(size, "resize_crop", "bicubic", True, IMAGENET_MEAN, IMAGENET_STD, letterbox_fill=fill,
+                             out_dtype=dtype),
+            EncoderInputSpec(size, "resize_crop", "bilinear", True, HALF, HALF, short_side=round(size * 256 / 224),
+                             letterbox_fill=(127, 127, 127), out_dtype=dtype)]
+
+
+@needs_native
+@pytest.mark.parametrize("h,w", [(37, 53), (64, 47), (48, 48), (19, 20)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_resize_strategies_native(h, w, dtype):
+    check(natural_frames(2, 4, h, w, seed=h * w), strategy_specs(28, dtype), label=f"{h}x{w}")
+
+
+def test_letterbox_reference_is_the_padded_frame():
+    """The reference's letterbox equals padding the uint8 frame with the fill colour, then resize-crop."""
+    frames = natural_frames(1, 1, 30, 44)
+    spec = strategy_specs(20)[2]
+    vp, hp = kp.letterbox_padding(30, 44)
+    padded = torch.empty(1, 1, 30 + 2 * vp, 44 + 2 * hp, 3, dtype=torch.uint8)
+    padded[...] = torch.tensor(spec.letterbox_fill, dtype=torch.uint8)
+    padded[:, :, vp:vp + 30, hp:hp + 44] = frames
+    plain = dataclasses.replace(spec, letterbox_fill=None)
+    torch.testing.assert_close(preprocess_reference(frames, [spec])[0], preprocess_reference(padded, [plain])[0])
+
+
+def test_strategies_per_encoder_from_the_config():
+    from merv_fast.config import ConfigError, apply_overrides
+
+    cfg = apply_overrides(get_preset("vivit-single"), {"visual.image_resize_strategy": "letterbox"})
+    p = cfg.encoders[0].preprocess
+    assert (p.resize, p.short_side, p.letterbox, p.interpolation) == ("resize_crop", 256, True, "bilinear")
+    spec = data_preprocess.encoder_input_spec(cfg.encoders[0], cfg.frames_sampled)
+    assert spec.letterbox_fill == (127, 127, 127) and spec.short_side == 256
+    crop = apply_overrides(get_preset("dinov2-single"), {"visual.image_resize_strategy": "resize-crop"})
+    assert crop.encoders[0].preprocess.resize == "resize_crop" and not crop.encoders[0].preprocess.letterbox
+    with pytest.raises(ConfigError, match=r"languagebind/__init__.py:64"):
+        apply_overrides(get_preset("merv-base"), {"visual.image_resize_strategy": "resize-crop"})
+
+
+@pytest.mark.parametrize("strategy", ["resize-crop", "letterbox"])
+def test_strategies_vs_the_release_pil_transforms(strategy):
+    """The reference (hence the native and Triton ops, tested against it) against the release's PIL composition
+    (merv_fast/data/release_loader.py): within the PIL rounding bound of test_reference_vs_pil, on frames whose
+    letterbox padding is odd and whose crop is off-centre."""
+    from merv_fast.config import apply_overrides
+    from merv_fast.data.release_loader import pil_frame_transform
+
+    for preset in ("dinov2-single-tiny", "vivit-single-tiny"):
+        enc = apply_overrides(get_preset(preset), {"visual.image_resize_strategy": strategy}).encoders[0]
+        spec = data_preprocess.encoder_input_spec(enc, enc.frames)
+        for h, w in [(97, 150), (151, 118)]:
+            frames = natural_frames(1, 1, h, w, seed=h)
+            ref = preprocess_reference(frames, [dataclasses.replace(spec, frame_stride=1)])[0][0, 0]
+            pil = pil_frame_transform(frames[0, 0].numpy(), enc)
+            diff = ((ref - pil) * torch.tensor(enc.preprocess.std).view(3, 1, 1)).abs() * 255  # in /255 units
+            assert diff.mean() < 0.6 and diff.max() < (1.5 if enc.preprocess.interpolation == "bilinear" else 24.0), \
+                (preset, strategy, h, w, diff.mean().item(), diff.max().item())

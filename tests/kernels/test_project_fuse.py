@@ -20,7 +20,7 @@ def make_visual(dtype=torch.float64, seed=0):
     torch.manual_seed(seed)
     cfg = get_preset("tiny")
     visual = VisualPath(cfg, llm_dim=72).to(dtype)
-    L = cfg.visual.num_tokens
+    L = cfg.num_visual_tokens
     pooled = [torch.randn(3, L, e.hidden_size, dtype=dtype) for e in cfg.encoders]
     return visual, pooled
 

@@ -389,3 +389,105 @@ def test_checkpoint_of_another_architecture_is_refused(tmp_path):
     state = build(TINY["siglip"]).state_dict()
     with pytest.raises(WeightsError, match="ViViT"):
         build(TINY["vivit"], weights=save_dir(tmp_path, state))
+
+
+# ----------------------------------------------------------------------------------------------- SigLIP's other ids
+def timm_map_head(sd, x, cfg):
+    """timm's forward after the blocks for a SigLIP ViT: final norm, then AttentionPoolLatent (a latent query; q and
+    kv projections, kv rows k then v; scaled dot-product over `heads`; out projection; residual MLP on its norm);
+    token 0."""
+    c, heads = cfg.hidden_size, cfg.num_heads
+    x = F.layer_norm(x, (c,), sd["norm.weight"], sd["norm.bias"], cfg.layer_norm_eps)
+    n = len(x)
+    q = F.linear(sd["attn_pool.latent"].expand(n, -1, -1), sd["attn_pool.q.weight"], sd["attn_pool.q.bias"])
+    k, v = F.linear(x, sd["attn_pool.kv.weight"], sd["attn_pool.kv.bias"]).reshape(n, -1, 2, heads, c // heads) \
+        .permute(2, 0, 3, 1, 4)
+    y = F.scaled_dot_product_attention(q.reshape(n, 1, heads, c // heads).transpose(1, 2), k, v)
+    y = F.linear(y.transpose(1, 2).reshape(n, 1, c), sd["attn_pool.proj.weight"], sd["attn_pool.proj.bias"])
+    h = F.layer_norm(y, (c,), sd["attn_pool.norm.weight"], sd["attn_pool.norm.bias"], cfg.layer_norm_eps)
+    y = y + F.linear(F.gelu(F.linear(h, sd["attn_pool.mlp.fc1.weight"], sd["attn_pool.mlp.fc1.bias"])),
+                     sd["attn_pool.mlp.fc2.weight"], sd["attn_pool.mlp.fc2.bias"])
+    return y[:, 0]
+
+
+def test_siglip_pooled_ids_run_timms_whole_forward(tmp_path):
+    """The release's SigLIP ids without -all-no-cls (siglip-vit-b16-384px, siglip-vit-so400m, ...) take timm's
+    forward: every block, the final norm and the MAP head, one token per frame (siglip.py:47-79, 142-151)."""
+    cfg = dataclasses.replace(TINY["siglip"], hidden_act="gelu", output="pooled", layers_run=TINY["siglip"].num_layers)
+    sd = random_timm_vit(cfg, blocks=cfg.num_layers, seed=11)
+    gen = torch.Generator().manual_seed(12)
+    c, i = cfg.hidden_size, cfg.intermediate_size
+    for name, shape in [("q.weight", (c, c)), ("q.bias", (c,)), ("kv.weight", (2 * c, c)), ("kv.bias", (2 * c,)),
+                        ("proj.weight", (c, c)), ("proj.bias", (c,)), ("norm.weight", (c,)), ("norm.bias", (c,)),
+                        ("mlp.fc1.weight", (i, c)), ("mlp.fc1.bias", (i,)), ("mlp.fc2.weight", (c, i)),
+                        ("mlp.fc2.bias", (c,))]:
+        sd["attn_pool." + name] = 0.2 * torch.randn(*shape, generator=gen) + (1.0 if name == "norm.weight" else 0.0)
+    torch.save(sd, tmp_path / "timm.pth")
+    encoder = build(cfg, weights=str(tmp_path / "timm.pth"))
+    x = pixels(cfg, batch=1)
+    tokens = timm_reference(sd, x.flatten(0, 1), cfg, cfg.num_layers)
+    expected = timm_map_head(sd, tokens, cfg).unflatten(0, x.shape[:2])[:, :, None]
+    got = run(encoder, x)
+    assert got.shape == (1, cfg.frames, 1, c) and cfg.grid == (1, 1)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_siglip_positions_of_a_larger_resolution_resampled(tmp_path):
+    """A 384-px SigLIP run at 224 px (as the release does): its position table is resampled at load, as timm's
+    checkpoint filter does (bicubic, antialias)."""
+    cfg = TINY["siglip"]
+    state = dict(build(cfg, seed=13).state_dict())
+    trained = torch.randn(20 * 20, cfg.hidden_size)
+    state["embeddings.position_embedding.weight"] = trained
+    loaded = build(cfg, weights=save_dir(tmp_path, state)).embeddings.position_embedding.weight.detach()
+    grid = trained.reshape(1, 20, 20, -1).permute(0, 3, 1, 2)
+    expected = F.interpolate(grid, size=cfg.patch_grid, mode="bicubic", antialias=True, align_corners=False)
+    torch.testing.assert_close(loaded, expected.permute(0, 2, 3, 1).reshape(-1, cfg.hidden_size))
+
+
+# ----------------------------------------------------------------------------------------------- the weights' config
+@pytest.mark.parametrize("name,config,field", [
+    ("vivit", {"hidden_act": "gelu"}, "hidden_act"),
+    ("vivit", {"num_frames": 8}, "num_frames"),
+    ("vivit", {"tubelet_size": [1, 8, 8]}, "tubelet_size"),
+    ("dinov2", {"layer_norm_eps": 1e-5}, "layer_norm_eps"),
+    ("dinov2", {"num_hidden_layers": 12}, "num_hidden_layers"),
+    ("languagebind", {"vision_config": {"num_frames": 16}}, "num_frames"),
+    ("siglip", {"vision_config": {"patch_size": 16}}, "patch_size"),
+])
+def test_weights_config_mismatch_names_file_field_and_values(tmp_path, name, config, field):
+    cfg = TINY[name]
+    folder = save_dir(tmp_path, build(cfg).state_dict())
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(WeightsError) as err:
+        build(cfg, weights=folder)
+    message = str(err.value)
+    wrong = (config.get("vision_config") or config)[field]
+    assert "config.json" in message and field in message and repr(wrong) in message, message
+    with torch.device("meta"), pytest.raises(WeightsError, match=field):  # a meta build checks it too
+        build_encoder(dataclasses.replace(cfg, weights=folder))
+
+
+def test_weights_config_that_agrees_loads(tmp_path):
+    cfg = TINY["siglip"]
+    source = build(cfg, seed=14)
+    folder = save_dir(tmp_path, source.state_dict())
+    # Hugging Face's SigLIP config declares the tanh GELU for the same weights timm runs with exact GELU
+    (tmp_path / "config.json").write_text(json.dumps({"vision_config": {
+        "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "intermediate_size": cfg.intermediate_size, "hidden_act": "gelu_pytorch_tanh", "layer_norm_eps": 1e-6,
+        "image_size": cfg.image_size, "patch_size": cfg.patch_size}}))
+    x = pixels(cfg)
+    assert torch.equal(run(build(cfg, weights=folder), x), run(source, x))
+
+
+def test_missing_timm_key_names_the_checkpoint_key_and_ours(tmp_path):
+    cfg = TINY["dinov2"]
+    sd = random_timm_vit(cfg, blocks=cfg.layers_run, cls=True, registers=cfg.registers, layer_scale=True, seed=15)
+    del sd["blocks.1.mlp.fc2.weight"]
+    torch.save(sd, tmp_path / "timm.pth")
+    with pytest.raises(WeightsError) as err:
+        build(cfg, weights=str(tmp_path / "timm.pth"))
+    message = str(err.value)
+    assert "timm.pth" in message and "'blocks.1.mlp.fc2.weight'" in message and "encoder.layer.1.mlp.fc2.weight" in \
+        message, message

@@ -18,7 +18,7 @@ def tiny():
 @pytest.fixture(scope="module")
 def batch(tiny):
     b = synthetic_batches(tiny.config, batch_size=2, text_tokens=24, count=1, seed=3)[0]
-    pixels = preprocess_all(b.frames, tiny.config.encoders, tiny.config.visual.frames_sampled, b.flip)
+    pixels = preprocess_all(b.frames, tiny.config.encoders, tiny.config.frames_sampled, b.flip)
     return b, pixels
 
 

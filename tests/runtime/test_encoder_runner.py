@@ -221,10 +221,10 @@ def test_an_image_encoded_once_and_tiled_equals_its_repeated_frames(tiny, mode):
 
     cfg = tiny.config
     frame = torch.randint(0, 256, (2, 1, 40, 52, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(7))
-    video = frame.expand(-1, cfg.visual.frames_sampled, -1, -1, -1).contiguous()
+    video = frame.expand(-1, cfg.frames_sampled, -1, -1, -1).contiguous()
     flip = torch.tensor([False, True])
-    as_image = preprocess_batch(frame, cfg.encoders, cfg.visual.frames_sampled, flip, is_image=True)
-    as_video = preprocess_batch(video, cfg.encoders, cfg.visual.frames_sampled, flip)
+    as_image = preprocess_batch(frame, cfg.encoders, cfg.frames_sampled, flip, is_image=True)
+    as_video = preprocess_batch(video, cfg.encoders, cfg.frames_sampled, flip)
     runner = EncoderRunner(tiny.encoders, EncoderRuntime(mode=mode))
     with torch.no_grad():
         tiled, full = runner(as_image, is_image=True), runner(as_video, is_image=False)

@@ -48,9 +48,9 @@ def fp32_cache(data, tmp_path_factory):
 
 
 def live_pooled(model, entry, root, flip):
-    frames = torch.as_tensor(load_media(entry, root, frames=model.config.visual.frames_sampled))
+    frames = torch.as_tensor(load_media(entry, root, frames=model.config.frames_sampled))
     image = entry.kind == "image"
-    pixels = preprocess_batch(frames[None], model.config.encoders, model.config.visual.frames_sampled,
+    pixels = preprocess_batch(frames[None], model.config.encoders, model.config.frames_sampled,
                               torch.tensor([flip]), torch.float32, is_image=torch.tensor([image]))
     with torch.no_grad():
         return model.visual.pool(model.encode(pixels, is_image=image))

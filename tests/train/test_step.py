@@ -21,11 +21,11 @@ def _reference_losses(model, batches):
             if b.frames is not None:
                 from merv_fast.data.preprocess import preprocess_batch
 
-                px = preprocess_batch(b.frames, model.config.encoders, model.config.visual.frames_sampled, b.flip,
+                px = preprocess_batch(b.frames, model.config.encoders, model.config.frames_sampled, b.flip,
                                       is_image=b.is_image)
                 features = model.encode(px, is_image=bool(b.is_image.all()))
             loss = model(b.input_ids, b.attention_mask, b.labels, features=features).loss
-            nv = model.config.visual.num_tokens if features is not None else 0
+            nv = model.config.num_visual_tokens if features is not None else 0
             out.append((float(loss), supervised_targets(b.labels, nv, True)))
     return out
 
@@ -47,7 +47,7 @@ def test_loss_normalisation(norm):
         expected = sum(l for l, _ in ref) / len(ref)
     assert result.loss == pytest.approx(expected, rel=1e-5)
     assert result.supervised_tokens == sum(n for _, n in ref)
-    assert result.samples == 4 and result.visual_tokens == 4 * model.config.visual.num_tokens
+    assert result.samples == 4 and result.visual_tokens == 4 * model.config.num_visual_tokens
 
 
 def test_accumulation_equals_one_big_batch_under_tokens():

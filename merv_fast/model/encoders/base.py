@@ -17,6 +17,7 @@ import re
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from merv_fast.config import EncoderConfig
@@ -46,6 +47,29 @@ class Encoder(nn.Module):
     def checkpoint_to_module(self, state: StateDict, source: str) -> StateDict:
         """Rename (and reshape where layouts differ) a checkpoint's tensors to this module's parameter names."""
         raise NotImplementedError
+
+    # timm's block part names -> ours, and our block prefix: set by encoders that read timm checkpoints, so that a
+    # missing tensor's error can name the checkpoint key it should have come from.
+    TIMM_BLOCK_NAMES: dict = {}
+    TIMM_LAYER_PREFIX = ""
+
+    def checkpoint_key(self, module_key: str, state: StateDict) -> str:
+        """The checkpoint key a module tensor is read from, as best said without reading it: timm's block name for a
+        timm checkpoint, else the module key under the checkpoint's tower prefix (renamed spellings aside)."""
+        if self.TIMM_LAYER_PREFIX and module_key.startswith(self.TIMM_LAYER_PREFIX) and any(
+                k.endswith("blocks.0.attn.qkv.weight") for k in state):
+            index, rest = module_key[len(self.TIMM_LAYER_PREFIX):].split(".", 1)
+            for theirs, ours in self.TIMM_BLOCK_NAMES.items():
+                for i, name in enumerate(ours if isinstance(ours, tuple) else (ours,)):
+                    if rest.startswith(name + "."):
+                        part = f" (rows {i + 1} of 3)" if isinstance(ours, tuple) else ""
+                        return f"blocks.{index}.{theirs}{rest[len(name):]}{part}"
+        # A Hugging Face layout keeps our names under the tower's prefix: find it from a key both share.
+        for key in state:
+            for ours in self.state_dict():
+                if key.endswith(ours):
+                    return key[: len(key) - len(ours)] + module_key
+        return module_key
 
 
 def hf_vit_kwargs(cfg: EncoderConfig) -> dict:
@@ -152,6 +176,20 @@ def convert_timm_blocks(state: StateDict, names: dict[str, str | tuple[str, str,
     return out
 
 
+def resample_patch_positions(positions: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """[1, n, C] patch position embeddings on a square grid -> [1, H*W, C], as timm's `resample_abs_pos_embed`:
+    bicubic, antialias, computed in float32, unchanged when the grid already matches."""
+    side = int(round(positions.shape[1] ** 0.5))
+    if side * side != positions.shape[1]:
+        raise WeightsError(f"position embeddings for {positions.shape[1]} patches are not a square grid")
+    if (side, side) == tuple(grid):
+        return positions
+    width = positions.shape[-1]
+    image = positions.float().reshape(1, side, side, width).permute(0, 3, 1, 2)
+    image = F.interpolate(image, size=grid, mode="bicubic", antialias=True, align_corners=False)
+    return image.permute(0, 2, 3, 1).reshape(1, -1, width).to(positions.dtype)
+
+
 # ----------------------------------------------------------------------------------------------- loading
 def load_encoder_weights(module: Encoder, cfg: EncoderConfig) -> None:
     """Fill `module` from `cfg.weights`, or raise `WeightsError` naming the file and the key at fault.
@@ -162,7 +200,9 @@ def load_encoder_weights(module: Encoder, cfg: EncoderConfig) -> None:
     if any(p.is_meta for p in module.parameters()):
         if not Path(cfg.weights).exists():
             raise WeightsError(f"{cfg.name} encoder weights path {cfg.weights!r} does not exist")
+        check_checkpoint_config(cfg)
         return
+    check_checkpoint_config(cfg)
     state, source = read_checkpoint(cfg.weights)
     mapped = module.checkpoint_to_module(state, source)
     expected = module.state_dict()
@@ -170,10 +210,76 @@ def load_encoder_weights(module: Encoder, cfg: EncoderConfig) -> None:
     if missing:
         sample = sorted(state)[:5]
         raise WeightsError(f"{source}: the {cfg.name} encoder needs {len(missing)} tensor(s) the checkpoint lacks, "
-                           f"first {missing[0]!r} (all: {missing[:8]}{' ...' if len(missing) > 8 else ''}); "
+                           f"first ours {missing[0]!r} = checkpoint key {module.checkpoint_key(missing[0], state)!r} "
+                           f"(all ours: {missing[:8]}{' ...' if len(missing) > 8 else ''}); "
                            f"checkpoint keys look like {sample}")
     for key, tensor in expected.items():
         if tuple(mapped[key].shape) != tuple(tensor.shape):
             raise WeightsError(f"{source}: {key!r} has shape {tuple(mapped[key].shape)} in the checkpoint, the "
                                f"{cfg.name} encoder built {tuple(tensor.shape)}")
     module.load_state_dict({k: mapped[k] for k in expected}, strict=True)
+
+
+# ----------------------------------------------------------------------------------------------- the weights' config
+# What a checkpoint's own config.json says about its architecture, per field (its Hugging Face name, or timm's), and
+# the value our preset expects. A checkpoint of another architecture whose tensor shapes happen to fit (another
+# activation, norm eps, patch size, frame count, depth) is refused here, before any tensor is read.
+def _expected_fields(cfg: EncoderConfig) -> dict[str, object]:
+    fields: dict[str, object] = {
+        "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.num_layers, "num_attention_heads": cfg.num_heads,
+        "hidden_act": cfg.hidden_act, "layer_norm_eps": cfg.layer_norm_eps,
+        "image_size": cfg.checkpoint_image_size or cfg.image_size, "patch_size": cfg.patch_size,
+        "num_features": cfg.hidden_size,  # timm's config.json
+    }
+    if cfg.name == "dinov2":
+        fields["mlp_ratio"] = cfg.intermediate_size // cfg.hidden_size
+        fields["num_register_tokens"] = cfg.registers
+    else:
+        fields["intermediate_size"] = cfg.intermediate_size
+    if cfg.name == "vivit":
+        fields["num_frames"] = cfg.frames
+        fields["tubelet_size"] = [cfg.tubelet, cfg.patch_size, cfg.patch_size]
+    if cfg.name == "languagebind":
+        fields["num_frames"] = cfg.clip_frames
+    return fields
+
+
+# The release ran SigLIP through timm, whose ViT uses exact GELU on the same weights that Hugging Face's SigLIP config
+# declares with the tanh approximation (merv/models/backbones/video/siglip.py:53): the same checkpoint, not another.
+_SAME_ACTIVATION = {("siglip", "gelu_pytorch_tanh"), ("siglip", "gelu")}
+
+
+def _close(a: object, b: object) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(float(a) - float(b)) <= 1e-12
+    return a == b
+
+
+def checkpoint_config_file(weights: str | Path) -> Path | None:
+    path = Path(weights)
+    folder = path if path.is_dir() else path.parent
+    found = folder / "config.json"
+    return found if found.is_file() else None
+
+
+def check_checkpoint_config(cfg: EncoderConfig) -> None:
+    """Compare the weights' config.json (if there is one) with the preset, field by field; a mismatch is a
+    WeightsError naming the file, the field and both values."""
+    file = checkpoint_config_file(cfg.weights)
+    if file is None:
+        return
+    try:
+        config = json.loads(file.read_text())
+    except (OSError, ValueError) as err:
+        raise WeightsError(f"{file}: unreadable config.json ({err})") from None
+    if isinstance(config.get("vision_config"), dict):  # a whole CLIP / SigLIP model: its vision tower's config
+        config = config["vision_config"]
+    for field, expected in _expected_fields(cfg).items():
+        if field not in config:
+            continue
+        found = config[field]
+        if field == "hidden_act" and (cfg.name, found) in _SAME_ACTIVATION and (cfg.name, expected) in _SAME_ACTIVATION:
+            continue
+        if not _close(found, expected):
+            raise WeightsError(f"{file}: {field} is {found!r} in the checkpoint's config, the {cfg.name} encoder of "
+                               f"this preset expects {expected!r}")

@@ -14,7 +14,6 @@ names), timm layout (`blocks.N.attn.qkv`, no-embed-class `pos_embed`, `reg_token
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import Dinov2WithRegistersConfig
 from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers import (
@@ -25,6 +24,7 @@ from transformers.models.dinov2_with_registers.modeling_dinov2_with_registers im
 from merv_fast.config import EncoderConfig
 from merv_fast.model.encoders.base import (
     Encoder, StateDict, WeightsError, convert_timm_blocks, find_tower, hf_vit_kwargs, rename_fragments,
+    resample_patch_positions,
 )
 
 # (older, newer) spellings: transformers renamed the attention projections between 5.17 and 5.24
@@ -47,21 +47,10 @@ TIMM_BLOCK_NAMES = {
 }
 
 
-def resample_patch_positions(positions: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-    """[1, n, C] patch position embeddings on a square grid -> [1, H*W, C], as timm's `resample_abs_pos_embed`:
-    bicubic, antialias, computed in float32, unchanged when the grid already matches."""
-    side = int(round(positions.shape[1] ** 0.5))
-    if side * side != positions.shape[1]:
-        raise WeightsError(f"position embeddings for {positions.shape[1]} patches are not a square grid")
-    if (side, side) == tuple(grid):
-        return positions
-    width = positions.shape[-1]
-    image = positions.float().reshape(1, side, side, width).permute(0, 3, 1, 2)
-    image = F.interpolate(image, size=grid, mode="bicubic", antialias=True, align_corners=False)
-    return image.permute(0, 2, 3, 1).reshape(1, -1, width).to(positions.dtype)
-
-
 class Dinov2Encoder(Encoder):
+    TIMM_BLOCK_NAMES = TIMM_BLOCK_NAMES
+    TIMM_LAYER_PREFIX = "encoder.layer."
+
     def __init__(self, cfg: EncoderConfig):
         super().__init__(cfg)
         # transformers sizes the MLP by an integer `mlp_ratio` (its config type-checks it), not by intermediate_size

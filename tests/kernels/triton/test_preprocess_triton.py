@@ -188,3 +188,29 @@ def test_dispatch_routes_to_triton(seeded, device, monkeypatch):
     with use_backend("torch"):
         preprocess(frames, specs)
     assert calls == [1]
+
+
+def strategy_specs(size: int) -> list[EncoderInputSpec]:
+    """The release's resize-crop and letterbox per timm encoder (config.py PREPROCESS): torchvision's short-side
+    Resize (ViViT's to 256/224 of the size) and CenterCrop, with and without the letterbox pad."""
+    imagenet_fill, half_fill = tuple(int(m * 255) for m in IMAGENET_MEAN), (127, 127, 127)
+    return [
+        EncoderInputSpec(size, "resize_crop", "bicubic", True, IMAGENET_MEAN, IMAGENET_STD, frame_stride=2),
+        EncoderInputSpec(size, "resize_crop", "bilinear", True, HALF, HALF, short_side=round(size * 256 / 224)),
+        EncoderInputSpec(size, "resize_crop", "bicubic", True, IMAGENET_MEAN, IMAGENET_STD,
+                         letterbox_fill=imagenet_fill),
+        EncoderInputSpec(size, "resize_crop", "bilinear", True, HALF, HALF, short_side=round(size * 256 / 224),
+                         letterbox_fill=half_fill, frame_stride=2),
+    ]
+
+
+@pytest.mark.parametrize("hw", [(37, 53), (64, 47), (20, 19)], ids=["37x53", "64x47_odd_pad", "upscale_20x19"])
+def test_resize_strategies_poisoned(hw, seeded, device):
+    gen, seed = seeded
+    frames = draw_frames(gen, 2, 4, *hw)
+    specs = strategy_specs(28)
+    got = preprocess_triton(frames.to(device), specs, None, out=poisoned(frames.to(device), specs))
+    want = preprocess_reference(frames, specs, None)
+    for spec, g, w in zip(specs, got, want):
+        assert_close(g, w, spec, f"seed {seed}, {hw}, {spec.resize} short_side={spec.short_side} "
+                                 f"letterbox={spec.letterbox_fill}")
