@@ -95,7 +95,10 @@ class VisualPath(nn.Module):
     def forward(self, features: list[torch.Tensor] | PooledFeatures,
                 grids: list[tuple[int, int]] | None = None) -> torch.Tensor:
         tokens, _ = self.forward_with_mix(features, grids)
-        return tokens
+        # FSDP2 hooks the outputs of the modules it wraps (this one is a unit): a view (the torch path's einsum
+        # returns one) would lose the hook to an in-place op downstream, and FSDP2 warns on every step. Gradients are
+        # right either way (tests/train/test_fsdp.py); a copy of the visual tokens is cheap.
+        return tokens.clone() if tokens._base is not None else tokens
 
     def forward_with_mix(self, features, grids=None) -> tuple[torch.Tensor, torch.Tensor]:
         """Also returns the fusion's per-(sample, encoder) weights [B, E], for inspection and tests."""
