@@ -160,11 +160,11 @@ class ModalityLengthGroupedSampler:
 
     def __iter__(self) -> Iterator[list]:
         """Continues from `position` (0 after `set_epoch` to a new epoch, or where a loaded state left off). A pass that
-        starts at the end of an epoch is the next epoch's: the end of epoch e and the start of epoch e + 1 are the
-        same point of the data stream (so a resume taken at an epoch's last step never replays that epoch)."""
-        if self.position >= len(self):
-            self.epoch, self.position = self.epoch + 1, 0
+        starts at the end of the epoch starts the same epoch again (call `set_epoch` between epochs, as with torch's
+        DistributedSampler); a state never says so: `state_dict` states an epoch's end as the next epoch's start."""
         batches = self.rank_batches()
+        if self.position >= len(batches):
+            self.position = 0
         while self.position < len(batches):
             batch = batches[self.position]
             self.position += 1
