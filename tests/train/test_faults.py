@@ -459,7 +459,7 @@ def test_nan_injection_through_the_cli(data, reference, tmp_path, capsys):
     """debug.nan_at_step=2: nan_policy=stop ends the run with one line and keeps step 1's checkpoint as the newest;
     nan_policy=skip logs the step as skipped, never saves its state, and goes on."""
     stop = tmp_path / "stop"
-    assert main(cli(data, stop, "--save-every", "1", "--max-steps", "3", "--set", "debug.nan_at_step=2")) == 1
+    assert main(cli(data, stop, "--save-every", "1", "--max-steps", "2", "--set", "debug.nan_at_step=2")) == 1
     err = capsys.readouterr().err
     assert "merv-fast train: error: non-finite training loss nan" in err and "optimizer step 2" in err
     assert rows(stop) == rows(reference)[:1] and (stop / "latest").read_text().strip() == STEP_1
