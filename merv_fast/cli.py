@@ -123,22 +123,44 @@ def cmd_eval(args) -> int:
 
 
 def cmd_train(args) -> int:
+    from merv_fast.train.signals import install_signal_handlers
+
+    signals = install_signal_handlers()  # first: a SIGTERM during the slow imports below also stops cleanly
+    try:
+        return _train(args, signals)
+    finally:
+        signals.restore()
+
+
+def _train(args, signals) -> int:
     from merv_fast.config import load_config, parse_cli_overrides
+    from merv_fast.train.checkpoint import CheckpointError
     from merv_fast.train.config import TrainConfig, make_train_config
     from merv_fast.train.loop import train
+    from merv_fast.train.step import NonFiniteLossError
 
     # --set keys that are training settings go to the TrainConfig; the rest are model-config overrides.
     overrides = parse_cli_overrides(args.overrides)
     train_keys = set(TrainConfig.__dataclass_fields__) - {"explicit"}
-    train_over = {k: v for k, v in overrides.items() if k.replace("-", "_") in train_keys}
+    train_over = {k: v for k, v in overrides.items() if k.replace("-", "_").split(".")[0] in train_keys}
     model_over = {k: v for k, v in overrides.items() if k not in train_over}
     model_cfg = load_config(args.preset or "tiny", args.model_config, model_over)
     cfg = make_train_config(args.recipe, args.config, train_over, preset=model_cfg.name, data=args.data,
                             media_root=args.media_root, out=args.out, seed=args.seed, max_steps=args.max_steps,
                             total_steps=args.total_steps, resume=True if args.resume else None,
-                            init_from=args.init_from, device=args.device, save_every=args.save_every)
-    summary = train(cfg, model_cfg)
-    if summary.get("final_loss") is not None and summary.get("rank", 0) == 0:  # under torchrun: said once
+                            init_from=args.init_from, device=args.device, save_every=args.save_every,
+                            overwrite=True if args.overwrite else None)
+    try:
+        summary = train(cfg, model_cfg, signals=signals)
+    except (CheckpointError, NonFiniteLossError) as err:  # a failed save (full disk, ...), a NaN step: one line
+        print(f"merv-fast train: error: {err}", file=sys.stderr)
+        return 1
+    if summary.get("rank", 0) != 0:  # under torchrun: rank 0 speaks for the run
+        return 0
+    if summary.get("finished_before"):
+        print(f"{cfg.out} is finished (step {summary['steps']} of {summary['total_steps']}): nothing to do")
+        return 0
+    if summary.get("final_loss") is not None:
         print(f"trained {summary['steps']} steps (of {summary['total_steps']}); "
               f"final loss {summary['final_loss']:.4f}; bad samples {summary['bad_samples']['failures']}; "
               f"metrics in {cfg.out}/metrics.jsonl")
@@ -232,6 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--save-every", type=int, default=None, help="also checkpoint every N steps (always at the end)")
     p.add_argument("--total-steps", type=int, default=None, help="the schedule's length (default: from epochs)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="--out holds a run: move it aside, start anew")
     p.add_argument("--init-from", default=None, help="initial weights: a release checkpoint or our exported weights")
     p.add_argument("--device", default=None)
     p.set_defaults(fn=cmd_train)

@@ -160,7 +160,8 @@ class ModalityLengthGroupedSampler:
 
     def __iter__(self) -> Iterator[list]:
         """Continues from `position` (0 after `set_epoch` to a new epoch, or where a loaded state left off). A pass that
-        starts at the end of the epoch starts the same epoch again (call `set_epoch` between epochs)."""
+        starts at the end of the epoch starts the same epoch again (call `set_epoch` between epochs, as with torch's
+        DistributedSampler); a state never says so: `state_dict` states an epoch's end as the next epoch's start."""
         batches = self.rank_batches()
         if self.position >= len(batches):
             self.position = 0
@@ -176,14 +177,19 @@ class ModalityLengthGroupedSampler:
             self.epoch, self.position = int(epoch), 0
 
     # ------------------------------------------------------------------------------------------- exact resume
-    def state_dict(self, position: int | None = None) -> dict:
+    def state_dict(self, position: int | None = None, epoch: int | None = None) -> dict:
         """Everything needed to continue with exactly the next batch.
 
-        `position` is the number of micro-batches of this epoch already consumed; by default the number this
-        sampler has handed out. Under a DataLoader that prefetches, pass the number the training loop has actually
-        consumed (handed out counts the prefetched batches too)."""
+        `position` is the number of micro-batches of epoch `epoch` (default: the current one) already consumed; by
+        default the number this sampler has handed out. Under a DataLoader that prefetches, pass the number the
+        training loop has actually consumed (handed out counts the prefetched batches too). A whole epoch consumed
+        is stated as the next epoch's start."""
+        epoch = self.epoch if epoch is None else int(epoch)
+        position = self.position if position is None else int(position)
+        if position >= len(self):
+            epoch, position = epoch + 1, 0
         return {
-            "seed": self.seed, "epoch": self.epoch, "position": self.position if position is None else int(position),
+            "seed": self.seed, "epoch": epoch, "position": position,
             "global_batch_size": self.global_batch_size, "world_size": self.world_size,
             "micro_batch_size": self.micro_batch_size, "split": self.split, "num_samples": len(self.lengths),
         }
@@ -204,5 +210,8 @@ class ModalityLengthGroupedSampler:
                                  f"it can move to another world size or micro-batch size only at a global-batch "
                                  f"boundary")
             position = position // old_per_global * self.micro_batches_per_global_batch
-        self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), position
+        epoch = int(state["epoch"])
+        if position >= len(self):  # a state taken at an epoch's end (as older checkpoints hold it): the next epoch
+            epoch, position = epoch + 1, 0
+        self.seed, self.epoch, self.position = int(state["seed"]), epoch, position
         self._cache = None

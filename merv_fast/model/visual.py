@@ -157,7 +157,10 @@ class VisualPath(nn.Module):
     def forward(self, features: list[torch.Tensor] | PooledFeatures,
                 grids: list[tuple[int, int]] | None = None) -> torch.Tensor:
         tokens, _ = self.forward_with_mix(features, grids)
-        return tokens
+        # FSDP2 hooks the outputs of the modules it wraps (this one is a unit): a view (the torch path's einsum
+        # returns one) would lose the hook to an in-place op downstream, and FSDP2 warns on every step. Gradients are
+        # right either way (tests/train/test_fsdp.py); a copy of the visual tokens is cheap.
+        return tokens.clone() if tokens._base is not None else tokens
 
     def _inputs(self, features, grids, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """-> (X [B, L, K], its token means [B, K]): each encoder's input to its projector's last Linear (or, with

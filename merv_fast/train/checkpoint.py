@@ -1,18 +1,22 @@
 """Sharded, atomic, exactly-resumable training checkpoints (torch.distributed.checkpoint), and weight export.
 
-Layout of `out_dir` (every name below is ours; DCP owns the files inside a step directory except `meta.json` and
-`rng/`):
+Layout of `out_dir` (every name below is ours; DCP owns the files inside a step directory except `meta.json`,
+`manifest.json` and `rng/`):
 
     out_dir/
       latest                       text: the name of the newest complete checkpoint ("step-00000012"), atomically
-                                   replaced; a convenience for people and tools, `load_latest` does not need it
+                                   replaced after the rename; it never names a missing checkpoint (pruning spares
+                                   the one just written); a convenience for people and tools, loading does not need it
       step-00000008/               a complete checkpoint (a directory is only ever renamed into this name after
         .metadata, *.distcp        every rank has finished writing into `step-00000008.tmp`)
         meta.json                  step, world size, LR scheduler, sampler position, optimizer hyper-parameters
         rng/rank-00000.safetensors per-rank RNG states (python and numpy in the safetensors metadata as JSON)
+        manifest.json              written last (the completion marker): every file's size and CRC-32
       step-00000012/
-      step-00000016.tmp/           a save in progress, or the leftover of a killed one: never loaded, removed by the
-                                   next save of that step
+      step-00000016.tmp/           a save in progress, or the leftover of a killed one: never loaded, removed at the
+                                   next start (`clean_leftovers`) and by the next save of that step
+      step-00000004.damaged/       a checkpoint that failed its checks on resume (or `.incomplete`: no manifest):
+                                   set aside by `resumable`, never loaded, never deleted
 
 What goes into the DCP shards: the model's weights except the frozen encoders (they come from their weights
 directories; the visual path's few frozen-but-randomly-initialised weights are kept) and the optimizer's tensor state (exp_avg, exp_avg_sq, step), both as produced by
@@ -37,7 +41,7 @@ import os
 import random
 import re
 import shutil
-import signal
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -49,9 +53,12 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
+from merv_fast.train.manifest import (MANIFEST_FILE, ManifestError, check, describe, list_files, read_manifest,
+                                     write_manifest)
+
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: with manifest.json (1: without; still loaded, unverified)
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 META_FILE = "meta.json"
 RNG_DIR = "rng"
@@ -97,7 +104,7 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _all_true(flag: bool) -> bool:
+def all_true(flag: bool) -> bool:
     """True on every rank iff `flag` is true on every rank."""
     if not _dist():
         return flag
@@ -197,55 +204,6 @@ def load_rng(path: Path) -> dict[str, Any]:
     return state
 
 
-# ----------------------------------------------------------------------------------------------- signals
-class SignalState:
-    """What `install_signal_handlers` returns: `requested` is the first signal number received (None before)."""
-
-    def __init__(self) -> None:
-        self.requested: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def should_stop(self) -> bool:
-        """Call at every step boundary, on every rank: true on all ranks as soon as any rank got a signal (so all
-        ranks take the save together; under torchrun every rank gets SIGTERM, but not at the same instant)."""
-        if not _dist():
-            return self.requested is not None
-        return not _all_true(self.requested is None)
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-
-def install_signal_handlers(on_signal: Callable[[int], None] | None = None,
-                            signals: tuple[int, ...] = (signal.SIGTERM, signal.SIGINT)) -> SignalState:
-    """SIGTERM / SIGINT only set a flag (and call `on_signal(signum)` if given): the training loop checks
-    `state.should_stop()` at the next step boundary, saves (`Checkpointer.save_final`) and exits 0. A second signal
-    of the same kind while the first is pending restores the previous handler's behaviour (a second Ctrl-C kills).
-    Must be called from the main thread."""
-    st = SignalState()
-
-    def handler(signum, frame):
-        if st.requested is not None and signum == st.requested:
-            prev = st._previous.get(signum, signal.SIG_DFL)
-            st.restore()
-            if callable(prev):
-                prev(signum, frame)
-            else:
-                signal.raise_signal(signum)
-            return
-        st.requested = signum
-        log.warning("received %s: saving a checkpoint and stopping at the next step boundary",
-                    signal.Signals(signum).name)
-        if on_signal is not None:
-            on_signal(signum)
-
-    for sig in signals:
-        st._previous[sig] = signal.signal(sig, handler)
-    return st
-
-
 # ----------------------------------------------------------------------------------------------- state dicts
 def _split_optimizer(osd: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     tensors, other = {}, {}
@@ -280,7 +238,7 @@ def _trainable_finite(model: torch.nn.Module) -> bool:
                 if t.numel() and not bool(torch.isfinite(t).all()):
                     ok = False
                     break
-    return _all_true(ok)
+    return all_true(ok)
 
 
 def _writer(path: Path):
@@ -295,33 +253,125 @@ def step_dir_name(step: int) -> str:
     return f"step-{int(step):08d}"
 
 
+# What a killed save or export leaves behind: removed at the next start, never taken for a checkpoint.
+_LEFTOVER_DIR = re.compile(r"^step-\d{8}\.(tmp|deleting)$")
+_LEFTOVER_FILE = re.compile(r"^\..+\.tmp-\d+$")  # `_write_text_atomic`'s and the weight exports' temporaries
+
+
+def _shared(items: list, fn: Callable[[list], Any]) -> Any:
+    """`fn` over this rank's share of `items` (every world-th one), the answers (lists or dicts) merged on every
+    rank: the ranks split file checks between them. Collective."""
+    mine = fn(items[_rank()::_world()])
+    if not _dist():
+        return mine
+    gathered: list[Any] = [None] * _world()
+    dist.all_gather_object(gathered, mine)
+    if isinstance(mine, dict):
+        return {k: v for part in gathered for k, v in part.items()}
+    return [x for part in gathered for x in part]
+
+
+def _from_rank0(obj: Any) -> Any:
+    if not _dist():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _first_error(local: str | None) -> str | None:
+    """The first rank's error message (rank order), on every rank; None when no rank has one. Collective."""
+    if not _dist():
+        return local
+    gathered: list[Any] = [None] * _world()
+    dist.all_gather_object(gathered, local)
+    return next((e for e in gathered if e), None)
+
+
+def _causes(err: BaseException) -> list[BaseException]:
+    """`err` and what it wraps: its cause/context chain and DCP's per-rank failures."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    seen, todo, out = set(), [err], []
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        out.append(e)
+        todo += [e.__cause__, e.__context__]
+        if isinstance(e, CheckpointException):
+            todo += [exc for exc, _ in e.failures.values()]
+    return out
+
+
+def _one_line(err: BaseException) -> str:
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    return f"{type(err).__name__}: {lines[-1] if lines else ''}"
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2 ** 20:.1f} MiB"
+
+
+def _set_aside(path: Path, kind: str) -> Path:
+    """Rename a damaged or incomplete checkpoint out of the way (never deleted): `step-N.damaged`, `-2`, ..."""
+    target = path.with_name(f"{path.name}.{kind}")
+    n = 1
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{path.name}.{kind}-{n}")
+    os.replace(path, target)
+    return target
+
+
 class Checkpointer:
-    """`maybe_save(step, state)` every `save_every` steps (0: never on the way), `save_final(state)` at the end (also
-    after a signal), `load_latest(state)` at start-up for `--resume`. Keeps the newest `keep_last` checkpoints
-    (0: keep all). All ranks must call every method together (they contain collectives). Model weights under the
-    `exclude` prefixes (default: the frozen encoders, which come from their weights directories) are not saved."""
+    """`maybe_save(step, state)` after every step (it saves every `save_every` steps and every `save_every_minutes`
+    minutes of training; 0 turns either off), `save_final(state)` at the end (also after a signal),
+    `load_latest(state)` (or `resumable()` then `load(state, path)`) at start-up for `--resume`. Keeps the newest
+    `keep_last` checkpoints (0: keep all). All ranks must call every method together (they contain collectives).
+    Model weights under the `exclude` prefixes (default: the frozen encoders, which come from their weights
+    directories) are not saved."""
 
     def __init__(self, out_dir: str | os.PathLike, keep_last: int = 3, save_every: int = 0,
-                 exclude: tuple[str, ...] = DEFAULT_EXCLUDE):
-        if keep_last < 0 or save_every < 0:
-            raise ValueError("keep_last and save_every must be >= 0")
+                 exclude: tuple[str, ...] = DEFAULT_EXCLUDE, save_every_minutes: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic):
+        if keep_last < 0 or save_every < 0 or save_every_minutes < 0:
+            raise ValueError("keep_last, save_every and save_every_minutes must be >= 0")
         self.out_dir = Path(out_dir)
         self.exclude = tuple(exclude)
         self.keep_last = int(keep_last)
         self.save_every = int(save_every)
+        self.save_every_s = float(save_every_minutes) * 60.0
+        self.clock = clock
         self.last_saved_step: int | None = None
+        self._last_save_time = clock()  # the time cadence counts from the start (or the last save)
+        self._last_bytes: int | None = None  # the size of the last checkpoint written or loaded
 
     # ------------------------------------------------------------------ discovery
-    def checkpoints(self) -> list[Path]:
-        """Complete checkpoints, oldest first (`.tmp` leftovers are never listed)."""
+    @staticmethod
+    def _complete(path: Path) -> bool:
+        """Has its completion marker (the manifest), or is a format-1 checkpoint (written before manifests)."""
+        if (path / MANIFEST_FILE).is_file():
+            return True
+        try:
+            return json.loads((path / META_FILE).read_text()).get("format") == 1
+        except (OSError, ValueError, AttributeError):
+            return False
+
+    def _step_dirs(self) -> list[tuple[int, Path]]:
         if not self.out_dir.is_dir():
             return []
         found = []
         for p in self.out_dir.iterdir():
             m = STEP_DIR.match(p.name)
-            if m and p.is_dir() and (p / META_FILE).is_file():
+            if m and p.is_dir():
                 found.append((int(m.group(1)), p))
-        return [p for _, p in sorted(found)]
+        return sorted(found)
+
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first (`.tmp` leftovers, set-aside and incomplete ones are never listed)."""
+        return [p for _, p in self._step_dirs() if self._complete(p)]
 
     def latest(self) -> Path | None:
         """The newest complete checkpoint: the `latest` pointer if it names one, else the highest step on disk."""
@@ -333,11 +383,92 @@ class Checkpointer:
                 return named
         return complete[-1] if complete else None
 
+    def clean_leftovers(self) -> list[str]:
+        """Remove what killed saves and exports left (`step-N.tmp/`, `step-N.deleting/`, `.latest.tmp-<pid>`,
+        `.model.safetensors.tmp-<pid>`, ...); returns their names. Call at start-up, before anything is written.
+        Collective: rank 0 removes, every rank returns the list."""
+        removed: list[str] = []
+        if _rank() == 0 and self.out_dir.is_dir():
+            for p in sorted(self.out_dir.iterdir()):
+                if p.is_dir() and _LEFTOVER_DIR.match(p.name):
+                    shutil.rmtree(p, ignore_errors=True)
+                    removed.append(p.name)
+                elif p.is_file() and _LEFTOVER_FILE.match(p.name):
+                    p.unlink(missing_ok=True)
+                    removed.append(p.name)
+            if removed:
+                log.warning("%s: removed what interrupted saves left: %s", self.out_dir, ", ".join(removed))
+        removed = _from_rank0(removed)
+        _barrier()
+        return removed
+
+    # ------------------------------------------------------------------ verification
+    def verify(self, path: str | os.PathLike) -> str | None:
+        """None when the checkpoint at `path` is intact (every file of its manifest there, with its size and
+        checksum; meta.json readable), else what is wrong, naming the file. A format-1 checkpoint has no manifest:
+        only its meta.json is checked. Collective: the ranks split the files."""
+        path = Path(path)
+        problem = None
+        if (path / MANIFEST_FILE).is_file() or not self._complete(path):
+            try:
+                files = read_manifest(path)
+            except ManifestError as err:
+                files, problem = {}, str(err)
+            names = sorted(files)
+            problems = _shared(names, lambda mine: check(path, files, mine))
+            problem = problem or (sorted(problems)[0] if problems else None)
+        if problem is None:
+            try:
+                read_meta(path)
+            except CheckpointError as err:
+                problem = str(err)
+        return problem
+
+    def resumable(self) -> Path | None:
+        """The newest intact checkpoint, or None. Damaged ones newer than it are set aside (`step-N.damaged`) and
+        incomplete ones (no manifest: a save that never finished) as `step-N.incomplete`, each with a warning that
+        says why; nothing is deleted. `latest` is pointed at the checkpoint returned (removed when there is none).
+        Collective."""
+        chosen = None
+        for _, path in reversed(self._step_dirs()):
+            problem = self.verify(path)
+            if problem is None:
+                chosen = path
+                break
+            kind = "damaged" if self._complete(path) else "incomplete"
+            _barrier()  # every rank has finished reading it
+            if _rank() == 0:
+                aside = _set_aside(path, kind)
+                log.warning("checkpoint %s is %s: %s; set aside as %s (kept, never loaded); trying the one before",
+                            path, kind, problem, aside.name)
+            _barrier()
+        if _rank() == 0:
+            pointer = self.out_dir / LATEST_FILE
+            if chosen is not None:
+                if not pointer.is_file() or pointer.read_text().strip() != chosen.name:
+                    _write_text_atomic(pointer, chosen.name + "\n")
+            elif pointer.is_file():
+                pointer.unlink()
+        _barrier()
+        return chosen
+
     # ------------------------------------------------------------------ saving
+    def due(self, step: int) -> bool:
+        """Whether `maybe_save` saves after `step`: every `save_every` steps, or when `save_every_minutes` have
+        passed since the last save (or the start). Collective when the time cadence is on (the ranks' clocks
+        differ; any rank's decides)."""
+        if step <= 0:
+            return False
+        by_steps = self.save_every > 0 and step % self.save_every == 0
+        if self.save_every_s <= 0:
+            return by_steps
+        late = self.clock() - self._last_save_time >= self.save_every_s
+        return by_steps or not all_true(not late)
+
     def maybe_save(self, step: int, state: TrainStateLike, loss: float | torch.Tensor | None = None) -> Path | None:
-        """Save when `save_every` divides `step` (the number of optimizer steps done). Pass the step's loss to make a
+        """Save when `due(step)` (step = the number of optimizer steps done). Pass the step's loss to make a
         non-finite one skip the save (the weights are also checked)."""
-        if self.save_every <= 0 or step <= 0 or step % self.save_every:
+        if not self.due(step):
             return None
         return self.save(state, step=step, loss=loss)
 
@@ -348,11 +479,13 @@ class Checkpointer:
     def save(self, state: TrainStateLike, step: int | None = None,
              loss: float | torch.Tensor | None = None) -> Path | None:
         """Write checkpoint `step` (default `state.step`). Returns its directory, or None when nothing was written
-        (non-finite loss or weights: the last good checkpoint stays the newest; or the step already saved)."""
+        (non-finite loss or weights: the last good checkpoint stays the newest; or the step already saved).
+        A failed write raises CheckpointError on every rank, saying which write failed (and when the device is
+        full, that it is), after removing the partial directory; the previous checkpoint and `latest` are kept."""
         step = int(state.step if step is None else step)
         if loss is not None:
             loss_val = float(loss.detach().float().item() if isinstance(loss, torch.Tensor) else loss)
-            if not _all_true(math.isfinite(loss_val)):
+            if not all_true(math.isfinite(loss_val)):
                 log.error("step %d: loss is not finite: no checkpoint written (the last good one is kept)", step)
                 return None
         final = self.out_dir / step_dir_name(step)
@@ -364,39 +497,50 @@ class Checkpointer:
             return None
         rank, world = _rank(), _world()
         tmp = self.out_dir / (step_dir_name(step) + ".tmp")
-        if rank == 0:
+        with_optimizer = bool(state.optimizer.state)  # False before the first optimizer step
+        model_sd, optim_sd = self._state_dicts(state, with_optimizer)
+        optim_tensors, optim_other = _split_optimizer(optim_sd)
+        need = self._last_bytes or world * sum(_local_bytes(t) for t in (*model_sd.values(), *optim_tensors.values()))
+
+        def prepare():
             self.out_dir.mkdir(parents=True, exist_ok=True)
             if tmp.exists():
                 shutil.rmtree(tmp)  # a killed save's leftover
             (tmp / RNG_DIR).mkdir(parents=True)
-        _barrier()
+            self._warn_if_short(need)
 
-        with_optimizer = bool(state.optimizer.state)  # False before the first optimizer step
-        model_sd, optim_sd = self._state_dicts(state, with_optimizer)
-        optim_tensors, optim_other = _split_optimizer(optim_sd)
-        with _quiet_single_process():
-            dcp.save({"model": model_sd, "optim": optim_tensors}, storage_writer=_writer(tmp))
-        save_rng(tmp / RNG_DIR / f"rank-{rank:05d}.safetensors", capture_rng())
+        def write_rest():
+            save_rng(tmp / RNG_DIR / f"rank-{rank:05d}.safetensors", capture_rng())
+            if rank == 0:
+                meta = {
+                    "format": FORMAT_VERSION,
+                    "step": step,
+                    "world_size": world,
+                    "scheduler": _jsonable(state.scheduler.state_dict(), "the LR scheduler's state") if
+                    getattr(state, "scheduler", None) is not None else None,
+                    "sampler": _jsonable(state.sampler.state_dict(), "the sampler's state") if
+                    getattr(state, "sampler", None) is not None else None,
+                    "optimizer_state": with_optimizer,
+                    "optimizer_hparams": _jsonable(optim_other, "the optimizer's param groups"),
+                    "torch": torch.__version__,
+                }
+                (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
 
-        if rank == 0:
-            meta = {
-                "format": FORMAT_VERSION,
-                "step": step,
-                "world_size": world,
-                "scheduler": _jsonable(state.scheduler.state_dict(), "the LR scheduler's state") if
-                getattr(state, "scheduler", None) is not None else None,
-                "sampler": _jsonable(state.sampler.state_dict(), "the sampler's state") if
-                getattr(state, "sampler", None) is not None else None,
-                "optimizer_state": with_optimizer,
-                "optimizer_hparams": _jsonable(optim_other, "the optimizer's param groups"),
-                "torch": torch.__version__,
-            }
-            (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-        _barrier()  # every rank's shards and RNG file are written
-        if rank == 0:
+        self._write_phase(final, tmp, "the directory", prepare if rank == 0 else None, need)
+        self._write_phase(final, tmp, "the sharded weights and optimizer state (.metadata, *.distcp)", lambda: _dcp_save(
+            {"model": model_sd, "optim": optim_tensors}, tmp), need)
+        self._write_phase(final, tmp, "meta.json and the RNG states (rng/)", write_rest, need)
+        names = _from_rank0(list_files(tmp) if rank == 0 else None)
+        files = {}
+        self._write_phase(final, tmp, "the checksums", lambda: files.update(_shared(names, lambda mine: describe(
+            tmp, mine))), need)
+
+        def commit():
+            write_manifest(tmp, step, files)  # the completion marker, last
             for f in (tmp / RNG_DIR).iterdir():
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
+            _fsync_dir(tmp / RNG_DIR)
             _fsync_dir(tmp)
             if final.exists():  # another run's checkpoint of this step in the same out_dir: superseded
                 os.replace(final, final.with_name(final.name + ".deleting"))
@@ -404,11 +548,73 @@ class Checkpointer:
             shutil.rmtree(final.with_name(final.name + ".deleting"), ignore_errors=True)
             _fsync_dir(self.out_dir)
             _write_text_atomic(self.out_dir / LATEST_FILE, final.name + "\n")
-            self._prune()
-        _barrier()
+            self._prune(keep=final)
+
+        self._write_phase(final, tmp, "manifest.json, the rename and `latest`", commit if rank == 0 else None, need)
         self.last_saved_step = step
+        self._last_save_time = self.clock()
+        self._last_bytes = sum(f["size"] for f in files.values())
         log.info("saved checkpoint %s", final)
         return final
+
+    def _write_phase(self, final: Path, tmp: Path, what: str, fn: Callable[[], Any] | None, need: int) -> None:
+        """Run one part of a save (`fn`, on the ranks that have one); every rank learns whether any failed, and
+        then all raise the same CheckpointError after rank 0 removed the partial directory."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
+        error = None
+        try:
+            if fn is not None:
+                fn()
+        except (Exception, CheckpointException) as err:  # DCP's exception is a BaseException
+            error = self._describe_failure(err, tmp, need)
+        error = _first_error(error)
+        if error is None:
+            return
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
+        previous = self.latest()
+        raise CheckpointError(
+            f"checkpoint {final.name}: writing {what} in {tmp} failed: {error}. The partial {tmp.name} was removed; "
+            f"the previous checkpoint ({previous.name if previous else 'none'}) and `latest` are unchanged")
+
+    def _describe_failure(self, err: BaseException, tmp: Path, need: int) -> str:
+        """What went wrong, for people: ENOSPC (or a device that has filled up: torch's zip writer reports only
+        'unexpected pos'), the failing file when the error names one, the file size limit for EFBIG."""
+        import errno
+
+        oserrors = [e for e in _causes(err) if isinstance(e, OSError) and e.errno]
+        try:
+            free = shutil.disk_usage(self.out_dir).free
+        except OSError:
+            free = None
+        full = any(e.errno == errno.ENOSPC for e in oserrors) or (free is not None and free < max(need, 1 << 20) / 4)
+        if full:
+            return (f"no space left on the device (ENOSPC): {_mib(free or 0)} free on the device holding "
+                    f"{self.out_dir}, a checkpoint needs about {_mib(need)}")
+        if oserrors:
+            e = oserrors[0]
+            text = f"[Errno {e.errno}] {os.strerror(e.errno)}" + (f": {e.filename}" if e.filename else "")
+            if e.errno == errno.EFBIG:
+                import resource
+
+                limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+                if limit != resource.RLIM_INFINITY:
+                    text += f" (this process may write files of at most {limit} bytes: `ulimit -f`)"
+            return text
+        return _one_line(err)
+
+    def _warn_if_short(self, need: int) -> None:
+        """Warn before a save that will not fit in the free space (the size: the last checkpoint's, or this one's
+        tensors for the first)."""
+        try:
+            free = shutil.disk_usage(self.out_dir).free
+        except OSError:
+            return
+        if free < need:
+            log.warning("%s: %s free on its device, a checkpoint needs about %s: this save will likely fail (free "
+                        "some space, or train into a larger device)", self.out_dir, _mib(free), _mib(need))
 
     def _state_dicts(self, state: TrainStateLike, with_optimizer: bool = True) -> tuple[dict[str, Any], dict[str, Any]]:
         if not with_optimizer:
@@ -419,12 +625,15 @@ class Checkpointer:
         model_sd, optim_sd = get_state_dict(state.model, state.optimizer, options=_OPTIONS)
         return {k: v for k, v in model_sd.items() if not k.startswith(self.exclude)}, optim_sd
 
-    def _prune(self) -> None:
+    def _prune(self, keep: Path) -> None:
+        """Delete all but the newest `keep_last` checkpoints, never `keep` (the one just written, which `latest`
+        names, even when older checkpoints of a higher step are on disk)."""
         for leftover in self.out_dir.glob("step-*.deleting"):  # a kill mid-delete
             shutil.rmtree(leftover, ignore_errors=True)
         if self.keep_last <= 0:
             return
-        for old in self.checkpoints()[:-self.keep_last]:
+        others = [p for p in self.checkpoints() if p != keep]
+        for old in others[:max(0, len(others) - (self.keep_last - 1))]:
             # rename first so that a kill mid-delete never leaves a half directory under a complete-looking name
             doomed = old.with_name(old.name + ".deleting")
             os.replace(old, doomed)
@@ -432,9 +641,9 @@ class Checkpointer:
 
     # ------------------------------------------------------------------ loading
     def load_latest(self, state: TrainStateLike) -> bool:
-        """Load the newest complete checkpoint into `state` (model, optimizer, scheduler, sampler, step, this rank's
-        RNG). False (and `state` untouched) when there is none."""
-        found = self.latest()  # every rank looks (a shared filesystem); they must agree
+        """Load the newest intact checkpoint into `state` (model, optimizer, scheduler, sampler, step, this rank's
+        RNG), setting damaged ones aside (`resumable`). False (and `state` untouched) when there is none."""
+        found = self.resumable()
         names = [found.name if found is not None else ""]
         if _dist():
             gathered: list[Any] = [None] * _world()
@@ -447,13 +656,11 @@ class Checkpointer:
         return True
 
     def load(self, state: TrainStateLike, path: str | os.PathLike) -> None:
+        """Load the checkpoint at `path`; every read error names the checkpoint and the file."""
+        from torch.distributed.checkpoint.api import CheckpointException
+
         path = Path(path)
-        meta_path = path / META_FILE
-        if not meta_path.is_file():
-            raise CheckpointError(f"{path} is not a complete checkpoint (no {META_FILE})")
-        meta = json.loads(meta_path.read_text())
-        if meta.get("format") != FORMAT_VERSION:
-            raise CheckpointError(f"{path}: checkpoint format {meta.get('format')!r}, expected {FORMAT_VERSION}")
+        meta = read_meta(path)
 
         # The live state dicts give DCP the layout (and sharding) to read into; a fresh optimizer gets its state
         # initialised by get_state_dict so that there is something to load into (all of it is then overwritten).
@@ -461,19 +668,31 @@ class Checkpointer:
         model_sd, optim_sd = self._state_dicts(state, with_optimizer)
         optim_tensors, optim_other = _split_optimizer(optim_sd)
         target = {"model": model_sd, "optim": optim_tensors}
-        with _quiet_single_process():
-            dcp.load(target, storage_reader=dcp.FileSystemReader(str(path)))
+        reader = dcp.FileSystemReader(str(path))
+        try:
+            reader.read_metadata()
+        except Exception as err:
+            raise CheckpointError(f"{path / '.metadata'}: unreadable DCP index ({_one_line(err)})") from err
+        try:
+            with _quiet_single_process():
+                dcp.load(target, storage_reader=reader)
+        except (Exception, CheckpointException) as err:
+            inner = [e for e in _causes(err) if not isinstance(e, CheckpointException)]
+            raise CheckpointError(f"{path}: reading the sharded weights and optimizer state (*.distcp) failed: "
+                                  f"{_one_line(inner[0] if inner else err)}") from None
         if not with_optimizer:
             set_model_state_dict(state.model, target["model"], options=_LOAD_OPTIONS)
         else:
             self._set_optimizer(state, path, target, optim_other, meta)
         self._load_rest(state, path, meta)
+        manifest = path / MANIFEST_FILE
+        self._last_bytes = sum(f["size"] for f in read_manifest(path).values()) if manifest.is_file() else None
 
     def _set_optimizer(self, state, path, target, optim_other, meta) -> None:
         saved_other = meta["optimizer_hparams"]
         missing = sorted(set(optim_other) - set(saved_other))
         if missing:
-            raise CheckpointError(f"{path}: optimizer hyper-parameters missing for {missing[:3]} ...")
+            raise CheckpointError(f"{path / META_FILE}: optimizer hyper-parameters missing for {missing[:3]} ...")
         optim_full = {**target["optim"], **_retuple({k: saved_other[k] for k in optim_other}, optim_other)}
         set_state_dict(state.model, state.optimizer, model_state_dict=target["model"],
                        optim_state_dict=optim_full, options=_LOAD_OPTIONS)
@@ -487,7 +706,11 @@ class Checkpointer:
 
         rng_file = path / RNG_DIR / f"rank-{_rank():05d}.safetensors"
         if rng_file.is_file():
-            restore_rng(load_rng(rng_file))
+            try:
+                rng = load_rng(rng_file)
+            except Exception as err:
+                raise CheckpointError(f"{rng_file}: unreadable RNG state ({_one_line(err)})") from err
+            restore_rng(rng)
         else:
             log.warning("%s has no RNG state for rank %d (saved on %d ranks, now %d): random streams restart from "
                         "the current seed, so this resume is not bit-exact", path, _rank(), meta["world_size"],
@@ -496,7 +719,36 @@ class Checkpointer:
             log.warning("resumed %s saved on %d ranks on %d ranks (DCP resharded the weights and optimizer)",
                         path, meta["world_size"], _world())
         self.last_saved_step = state.step
+        self._last_save_time = self.clock()
         log.info("resumed from %s (step %d)", path, state.step)
+
+
+def read_meta(path: str | os.PathLike) -> dict[str, Any]:
+    """A checkpoint's meta.json; CheckpointError naming the file when it is missing, damaged or of another format."""
+    meta_path = Path(path) / META_FILE
+    if not meta_path.is_file():
+        raise CheckpointError(f"{meta_path} is missing: {path} is not a complete checkpoint")
+    try:
+        meta = json.loads(meta_path.read_text())
+        int(meta["step"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{meta_path} is unreadable ({type(err).__name__}: {err})") from None
+    if meta.get("format") not in (1, FORMAT_VERSION):
+        raise CheckpointError(f"{meta_path}: checkpoint format {meta.get('format')!r}, expected {FORMAT_VERSION}")
+    return meta
+
+
+def _local_bytes(t: Any) -> int:
+    if not isinstance(t, torch.Tensor):
+        return 0
+    if hasattr(t, "to_local"):
+        t = t.to_local()
+    return t.numel() * t.element_size()
+
+
+def _dcp_save(state_dict: dict[str, Any], path: Path) -> None:
+    with _quiet_single_process():
+        dcp.save(state_dict, storage_writer=_writer(path))
 
 
 # ----------------------------------------------------------------------------------------------- export

@@ -67,6 +67,14 @@ EXPORTS = ("safetensors", "release", "both", "none")
 
 
 @dataclass
+class DebugConfig:
+    """Fault injection, to test the trainer's failure handling through the CLI (`--set debug.nan_at_step=3`);
+    never set in real training."""
+
+    nan_at_step: int | None = None  # optimizer step (1-based) whose loss is made NaN: then nan_policy decides
+
+
+@dataclass
 class TrainConfig:
     recipe: str = "merv-frozen"
     lr: float = 2e-5
@@ -89,8 +97,9 @@ class TrainConfig:
     packing: bool = False  # pack each micro-batch's samples into rows of pack_budget tokens (train/packing.py)
     pack_budget: int = 16384  # tokens per packed row: a whole stage-2 micro-batch of 8 (packing.py)
     seed: int = 0
-    save_every: int = 0  # 0: only the final checkpoint
-    keep_last: int = 2
+    save_every: int = 0  # also checkpoint every N optimizer steps (0: off)
+    save_every_minutes: float = 30.0  # and every this many minutes of training (0: off); always at the end
+    keep_last: int = 2  # checkpoints kept (0: all)
     export: str = "safetensors"  # at the end of a finished run: safetensors | release | both | none
     out: str = "runs/train"
     data: str | None = None  # LLaVA JSON; None: synthetic data, generated once into a cache directory
@@ -101,9 +110,11 @@ class TrainConfig:
     split: str = "kind"  # sampler grouping: kind (video/image/text) | release (multimodal/text)
     log_every: int = 1
     resume: bool = False
+    overwrite: bool = False  # an `out` that holds a run: move it aside and start anew (else refused without resume)
     init_from: str | None = None
     feature_cache: str | None = None  # a `merv-fast cache-features` directory: read pooled features, skip the encoders
     device: str | None = None  # default: cuda:LOCAL_RANK when CUDA is available, else cpu
+    debug: DebugConfig = field(default_factory=DebugConfig)
     explicit: list[str] = field(default_factory=list, repr=False)  # keys set by the user (not the recipe)
 
     def validate(self) -> "TrainConfig":
@@ -126,6 +137,18 @@ class TrainConfig:
             v = getattr(self, key)
             if v is not None and v < 1:
                 raise ConfigError(f"{key} must be positive, got {v}")
+        for key in ("save_every", "keep_last"):
+            v = getattr(self, key)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+                raise ConfigError(f"{key} must be a whole number >= 0, got {v!r}")
+        if not isinstance(self.save_every_minutes, (int, float)) or self.save_every_minutes < 0:
+            raise ConfigError(f"save_every_minutes must be >= 0 (0: off), got {self.save_every_minutes!r}")
+        nan_at = self.debug.nan_at_step
+        if nan_at is not None and (not isinstance(nan_at, int) or isinstance(nan_at, bool) or nan_at < 1):
+            raise ConfigError(f"debug.nan_at_step must be an optimizer step >= 1, got {nan_at!r}")
+        if self.resume and self.overwrite:
+            raise ConfigError("resume and overwrite contradict each other: --resume continues the run in --out, "
+                              "--overwrite moves it aside")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         return self
@@ -157,17 +180,27 @@ def _coerce(key: str, value: Any) -> Any:
     current = TrainConfig.__dataclass_fields__[key].default
     if key == "activation_checkpointing" and isinstance(value, bool):  # YAML 1.1 reads `off`/`on` as booleans
         return "full" if value else "off"
-    if isinstance(value, str) and key in ("lr", "weight_decay", "warmup_ratio", "epochs", "grad_clip"):
+    if isinstance(value, str) and key in ("lr", "weight_decay", "warmup_ratio", "epochs", "grad_clip",
+                                          "save_every_minutes"):
         try:
             return float(value)
         except ValueError:
             raise ConfigError(f"{key}={value!r} is not a number") from None
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if key == "compile_llm" or key in ("hybrid_shard", "resume"):
+    if key == "compile_llm" or key in ("hybrid_shard", "resume", "overwrite"):
         if not isinstance(value, bool):
             raise ConfigError(f"{key} must be true or false, got {value!r}")
     return value
+
+
+def _set_debug(debug: DebugConfig, key: str, value: Any) -> None:
+    items = value.items() if key == "debug" and isinstance(value, dict) else [(key.partition(".")[2], value)]
+    known = [f.name for f in dataclasses.fields(DebugConfig)]
+    for name, v in items:
+        if name not in known:
+            raise ConfigError(f"unknown training key 'debug.{name}'; debug keys: {known}")
+        setattr(debug, name, v)
 
 
 def make_train_config(recipe: str = "merv-frozen", config_file: str | Path | None = None,
@@ -189,6 +222,10 @@ def make_train_config(recipe: str = "merv-frozen", config_file: str | Path | Non
     cfg = TrainConfig(recipe=recipe, **RECIPES[recipe])
     for key, value in values.items():
         key = key.replace("-", "_")
+        if key.split(".")[0] == "debug":  # `debug.nan_at_step: 3`, or `debug: {nan_at_step: 3}` in a YAML file
+            _set_debug(cfg.debug, key, value)
+            cfg.explicit.append(key)
+            continue
         if key not in _FIELDS:
             raise ConfigError(f"unknown training key {key!r}; known keys: {sorted(_FIELDS)}")
         setattr(cfg, key, _coerce(key, value))

@@ -5,9 +5,12 @@ directory), the rank's share of the length-grouped single-modality sampler, the 
 runs optimizer steps until the schedule's end or `max_steps`; writes `metrics.jsonl` (one JSON object per step), a
 progress line with ETA on stderr, TensorBoard scalars when `torch.utils.tensorboard` imports, and `summary.json`.
 
-Checkpointing goes through `merv_fast.train.checkpoint.Checkpointer(out_dir, keep_last, save_every)`:
-`load_latest(state)` when resuming, `maybe_save(step, state)` after every step, `save_final(state)` at the end, where
-`state` is a `TrainState` (below).
+Checkpointing goes through `merv_fast.train.checkpoint.Checkpointer(out_dir, keep_last, save_every,
+save_every_minutes)`: `resumable()` then `load(state, path)` when resuming, `maybe_save(step, state)` after every
+step, `save_final(state)` at the end or on a stop signal, where `state` is a `TrainState` (below). The run directory
+holds one run (`merv_fast.train.rundir`); stop signals are `merv_fast.train.signals`'. A checkpoint is always taken
+at a step boundary with the data position as (epoch, consumed micro-batches), an epoch's end stated as the next
+epoch's start, so that a run stopped after any step and resumed equals the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from merv_fast.config import ModelConfig
@@ -70,7 +74,7 @@ class SamplerProgress:
         self._state = state
 
     def state_dict(self) -> dict:
-        return self._state.data_sampler.state_dict(position=self._state.consumed)
+        return self._state.data_sampler.state_dict(position=self._state.consumed, epoch=self._state.epoch)
 
     def load_state_dict(self, sd: dict) -> None:
         s = self._state
@@ -211,15 +215,19 @@ class MetricsWriter:
 
 
 # ------------------------------------------------------------------------------------------------ the loop
+EXPORT_FILES = {"safetensors": ("model.safetensors",), "release": ("release_checkpoint.pt",),
+                "both": ("model.safetensors", "release_checkpoint.pt"), "none": ()}
+
+
 def export_weights(model, out: Path, export: str) -> dict[str, str]:
     """The trained weights (all but the frozen encoders), gathered from the shards: `model.safetensors` (ours, what
     `merv-fast eval --weights` reads) and/or `release_checkpoint.pt` (the release's layout). Every rank calls it."""
     from merv_fast.train.checkpoint import export_release, export_safetensors
 
     written = {}
-    if export in ("safetensors", "both"):
+    if "model.safetensors" in EXPORT_FILES[export]:
         written["safetensors"] = export_safetensors(model, out / "model.safetensors")
-    if export in ("release", "both"):
+    if "release_checkpoint.pt" in EXPORT_FILES[export]:
         written["release"] = export_release(model, out / "release_checkpoint.pt")
     return {k: str(v) for k, v in written.items() if v is not None}
 
@@ -227,19 +235,36 @@ def export_weights(model, out: Path, export: str) -> dict[str, str]:
 def _make_checkpointer(cfg: TrainConfig):
     from merv_fast.train.checkpoint import Checkpointer
 
-    return Checkpointer(cfg.out, cfg.keep_last, cfg.save_every)
+    return Checkpointer(cfg.out, cfg.keep_last, cfg.save_every, save_every_minutes=cfg.save_every_minutes)
 
 
-def train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer=None) -> dict:
-    """Train; returns the summary (also written to `<out>/summary.json` by rank 0)."""
+def train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer=None, signals=None) -> dict:
+    """Train; returns the summary (also written to `<out>/summary.json` by rank 0). `signals`: the SignalState of
+    handlers installed earlier (the CLI installs them before its imports); None installs them here."""
+    from merv_fast.train.signals import install_signal_handlers
+
+    own_signals = signals is None
+    if own_signals:
+        signals = install_signal_handlers()  # SIGTERM/SIGINT: finish the step, save, exit cleanly
+    try:
+        return _train(cfg, model_cfg, checkpointer, signals)
+    finally:
+        if own_signals:
+            signals.restore()
+
+
+def _train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer, signals) -> dict:
     from merv_fast.data.collate import collate
-    from merv_fast.data.dataset import summarize_bad_samples
+    from merv_fast.data.dataset import counter_hash, summarize_bad_samples
     from merv_fast.data.sampler import ModalityLengthGroupedSampler
     from merv_fast.model.flops import peak_bf16_flops
     from merv_fast.model.llm import training_tokenizer
     from merv_fast.model.merv import build_model
+    from merv_fast.train.checkpoint import read_meta
     from merv_fast.train.optim import build_optimizer
     from merv_fast.train.stages import freeze_for_stage, load_initial_weights
+    from merv_fast.train.rundir import claim, truncate_metrics
+    from merv_fast.train.signals import held, ignore_in_worker
 
     cfg.validate()
     cfg.check_init()
@@ -247,24 +272,18 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer=None) -> dict:
     device = info.device
     gpu = device.type == "cuda"
     out = Path(cfg.out)
+    moved = claim(out, cfg.resume, cfg.overwrite, info.is_main)  # one run per directory
+    barrier()
     if info.is_main:
+        if moved is not None:
+            print(f"--overwrite: moved the run that was in {out} to {moved}", file=sys.stderr)
         out.mkdir(parents=True, exist_ok=True)
     barrier()
-    random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP shards them from there)
+    if checkpointer is None:
+        checkpointer = _make_checkpointer(cfg)
+    checkpointer.clean_leftovers()  # killed saves' and exports' temporaries: never mistaken for checkpoints
 
-    # ---- model
-    model = build_model(config=model_cfg, device=device)
-    if cfg.init_from:  # all trained weights, or only the projectors (the release's finetune after align)
-        load_initial_weights(model, cfg.init_from, cfg.stage)
-    freeze_for_stage(model, cfg.stage)  # align: the LLM too
-    apply_activation_checkpointing(model.llm, cfg.activation_checkpointing)
-    module = TrainModule(model, pack_budget=cfg.pack_budget if cfg.packing else None)
-    module = shard_model(module, info, param_dtype=cfg.param_dtype, reduce_dtype=cfg.reduce_dtype,
-                         hybrid=cfg.hybrid_shard, compile_layers=cfg.compile_llm, cpu_offload=cfg.cpu_offload)
-    model.train()
-
-    # ---- data
+    # ---- data first: the schedule's length depends on it, and a finished run stops here
     data_json, media_root = cfg.data, cfg.media_root
     if data_json is None:
         data_json, media_root = ensure_synthetic_data(info, cfg.seed, captions=cfg.stage.data == "captions")
@@ -276,7 +295,6 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer=None) -> dict:
         from merv_fast.runtime.feature_cache import FeatureCache, training_autocast
 
         feature_cache = FeatureCache(cfg.feature_cache)
-        feature_cache.check(model, training_autocast(device))
     dataset = build_dataset(cfg, model_cfg, tokenizer, data_json, media_root, feature_cache)
     per_rank = cfg.global_batch_size // info.world_size if cfg.global_batch_size % info.world_size == 0 else None
     if per_rank is None:
@@ -290,6 +308,33 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer=None) -> dict:
     total = total_steps_for(steps_per_epoch, cfg.epochs, cfg.total_steps)
     last = total if cfg.max_steps is None else min(total, cfg.max_steps)
 
+    # ---- where to start: the newest intact checkpoint (damaged ones are set aside, with a warning)
+    resume_from = checkpointer.resumable() if cfg.resume else None
+    start_step = int(read_meta(resume_from)["step"]) if resume_from is not None else 0
+    if cfg.resume and resume_from is None and info.is_main:
+        print(f"--resume: no checkpoint in {out}: starting from step 0", file=sys.stderr)
+    if start_step >= last and all((out / name).is_file() for name in EXPORT_FILES[cfg.export]):
+        return {"finished_before": True, "steps": start_step, "total_steps": total, "steps_run": 0, "rank": info.rank}
+    if info.is_main:
+        truncate_metrics(out / "metrics.jsonl", start_step)  # the steps after the checkpoint are run again
+    barrier()
+
+    # ---- model
+    random.seed(cfg.seed)  # python, numpy and torch, as the release seeds them (merv/util/torch_utils.py:30)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP shards them from there)
+    model = build_model(config=model_cfg, device=device)
+    if cfg.init_from:  # all trained weights, or only the projectors (the release's finetune after align)
+        load_initial_weights(model, cfg.init_from, cfg.stage)
+    freeze_for_stage(model, cfg.stage)  # align: the LLM too
+    apply_activation_checkpointing(model.llm, cfg.activation_checkpointing)
+    module = TrainModule(model, pack_budget=cfg.pack_budget if cfg.packing else None)
+    module = shard_model(module, info, param_dtype=cfg.param_dtype, reduce_dtype=cfg.reduce_dtype,
+                         hybrid=cfg.hybrid_shard, compile_layers=cfg.compile_llm, cpu_offload=cfg.cpu_offload)
+    model.train()
+    if feature_cache is not None:
+        feature_cache.check(model, training_autocast(device))
+
     # ---- optimizer, schedule
     optimizer = build_optimizer(module, lr=cfg.lr, weight_decay=cfg.weight_decay, prefer_apex=cfg.apex_adam)
     if info.is_main and cfg.apex_adam and type(optimizer).__name__ != "FusedAdam":
@@ -298,15 +343,14 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer=None) -> dict:
     scheduler = build_scheduler(optimizer, total, cfg.warmup_ratio)
     state = TrainState(model, module, optimizer, scheduler, sampler, rank=info.rank, world_size=info.world_size,
                        config=cfg.to_dict())
-    if checkpointer is None:
-        checkpointer = _make_checkpointer(cfg)
-    if cfg.resume:
-        checkpointer.load_latest(state)
+    if resume_from is not None:
+        checkpointer.load(state, resume_from)
 
     timer = PhaseTimer(device)
     stepper = Stepper(module, optimizer, scheduler, device=device, loss_norm=cfg.loss_norm, grad_clip=cfg.grad_clip,
                       nan_policy=cfg.nan_policy, world_size=info.world_size,
-                      autocast_dtype=torch.bfloat16 if gpu else None, timer=timer)
+                      autocast_dtype=torch.bfloat16 if gpu else None, timer=timer,
+                      nan_at_step=cfg.debug.nan_at_step)
     if feature_cache is not None:
         names = [e.name for e in model_cfg.encoders]
         stepper.feature_source = lambda batch, dev: dataset.features_for(batch, names, dev)
@@ -315,11 +359,14 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer=None) -> dict:
     pad_id = tokenizer.pad_token_id
     workers = max(0, cfg.num_workers)
 
-    def loader_for_epoch():
+    def loader_for_epoch(epoch: int):
+        # The loader's own generator: its workers' base seed then comes from (seed, epoch), never from the global
+        # torch RNG, whose stream a resumed run must continue exactly (a loader started mid-epoch would draw again).
         return torch.utils.data.DataLoader(
             dataset, batch_sampler=sampler, num_workers=workers, pin_memory=gpu,
             collate_fn=partial(collate, pad_token_id=pad_id, max_length=model_cfg.llm.max_text_tokens),
-            prefetch_factor=2 if workers else None)
+            prefetch_factor=2 if workers else None, worker_init_fn=ignore_in_worker if workers else None,
+            generator=torch.Generator().manual_seed(counter_hash(cfg.seed, epoch) >> 1))
 
     if gpu:
         torch.cuda.reset_peak_memory_stats(device)
@@ -328,35 +375,39 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer=None) -> dict:
     skipped = 0
     t_start = time.perf_counter()
     steps_run = 0
-    from merv_fast.train.checkpoint import install_signal_handlers
-
-    signals = install_signal_handlers()  # SIGTERM/SIGINT: finish the step, save, exit cleanly
-    stop_requested = False
+    stop_requested = signals.should_stop()  # a signal during start-up: stop before the first step
+    if stop_requested and info.is_main:
+        print(f"signal received during start-up: stopping at step {state.step}", file=sys.stderr)
     exported: dict[str, str] = {}
     try:
         while state.step < last and not stop_requested:
             sampler.set_epoch(state.epoch)
-            loader = loader_for_epoch()
+            loader = loader_for_epoch(state.epoch)
             if gpu:  # the next micro-batch is copied and preprocessed on a side stream while this one trains
                 from merv_fast.data.prefetch import CudaPrefetcher
 
                 loader = CudaPrefetcher(loader, device, stepper.prepare_on_device)
-            iterator = iter(loader)
-            epoch_done = False
+            with held():  # workers start with the stop signals blocked, and then ignore them
+                iterator = iter(loader)
             while state.step < last:
                 t0 = time.perf_counter()
                 micro_batches = []
-                try:
-                    for _ in range(k):
+                for _ in range(k):
+                    try:
                         micro_batches.append(next(iterator))
-                except StopIteration:
-                    epoch_done = True
-                    break
+                    except StopIteration:
+                        raise RuntimeError(f"the data loader ended {state.consumed + len(micro_batches)} "
+                                           f"micro-batches into epoch {state.epoch}; the sampler has "
+                                           f"{len(sampler)}") from None
                 data_time = time.perf_counter() - t0
                 result = stepper.step(micro_batches, data_time)
                 state.consumed += k
                 state.step += 1
                 steps_run += 1
+                step_epoch = state.epoch
+                if state.consumed >= len(sampler):  # an epoch's end is the next one's start, in every checkpoint
+                    state.epoch += 1
+                    state.consumed = 0
                 step_time = time.perf_counter() - t0
                 skipped += result.skipped
                 bad_all.extend(result.bad_samples)
@@ -369,7 +420,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer=None) -> dict:
                        "mfu": (result.flops / step_time / (peak * info.world_size)) if peak else None,
                        "step_time_s": step_time, "phases": result.phases,
                        "peak_mem_bytes": peak_memory_bytes(device), "bad_samples": len(result.bad_samples),
-                       "skipped": result.skipped, "epoch": state.epoch}
+                       "skipped": result.skipped, "epoch": step_epoch}
                 metrics.write(row)
                 if info.is_main and (state.step % max(1, cfg.log_every) == 0 or state.step == last):
                     elapsed = time.perf_counter() - t_start
@@ -383,17 +434,18 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer=None) -> dict:
                     if info.is_main:
                         print(f"signal received: saving at step {state.step} and stopping", file=sys.stderr)
                     break
-            if epoch_done or state.consumed >= len(sampler):
-                state.epoch += 1
-                state.consumed = 0
-        checkpointer.save_final(state)
+                if state.consumed == 0:  # the epoch is over: the next one gets its own loader
+                    break
+            del iterator, loader  # shut this epoch's workers down before anything else (a save) runs
+        if steps_run:
+            checkpointer.save_final(state)
         if not stop_requested:  # a preempted run resumes from its checkpoint; a finished one hands its weights on
             exported = export_weights(model, out, cfg.export)
     finally:
-        signals.restore()
         metrics.close()
     wall = time.perf_counter() - t_start
-    summary = {"steps": state.step, "steps_run": steps_run, "stopped_by_signal": stop_requested, "total_steps": total, "steps_per_epoch": steps_per_epoch,
+    summary = {"steps": state.step, "steps_run": steps_run, "stopped_by_signal": stop_requested,
+               "finished": state.step >= last, "total_steps": total, "steps_per_epoch": steps_per_epoch,
                "micro_batches_per_step": k, "micro_batch_size": micro, "world_size": info.world_size, "rank": info.rank,
                "final_loss": losses[-1] if losses else None, "losses": losses, "skipped_steps": skipped,
                "wall_s": wall, "bad_samples": summarize_bad_samples(bad_all), "data": data_json,

@@ -81,7 +81,7 @@ class Stepper:
     def __init__(self, module: TrainModule, optimizer: torch.optim.Optimizer, scheduler, *, device: torch.device,
                  loss_norm: str = "tokens", grad_clip: float = 1.0, nan_policy: str = "stop",
                  world_size: int = 1, autocast_dtype: torch.dtype | None = None,
-                 timer: PhaseTimer | None = None):
+                 timer: PhaseTimer | None = None, nan_at_step: int | None = None):
         if loss_norm not in ("tokens", "release"):
             raise ValueError(f"loss_norm must be 'tokens' or 'release', got {loss_norm!r}")
         if nan_policy not in ("stop", "skip"):
@@ -89,6 +89,7 @@ class Stepper:
         self.module, self.optimizer, self.scheduler = module, optimizer, scheduler
         self.device, self.loss_norm, self.grad_clip, self.nan_policy = device, loss_norm, grad_clip, nan_policy
         self.world_size = world_size
+        self.nan_at_step = nan_at_step  # fault injection (debug.nan_at_step): this step's loss is made NaN
         self.merv = module.merv
         self.cfg = self.merv.config
         self.enc_dtype = next(self.merv.encoders.parameters()).dtype
@@ -155,6 +156,8 @@ class Stepper:
         num_items = torch.tensor(total_targets / self.world_size, device=self.device, dtype=torch.float32)
 
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float32)
+        poison = (self.nan_at_step is not None and self.scheduler is not None
+                  and self.scheduler.last_epoch + 1 == self.nan_at_step)
         fsdp = is_fsdp(self.module)
         for i, mb in enumerate(micro_batches):
             if fsdp:  # reduce-scatter gradients once per step, on the last micro-batch
@@ -174,6 +177,9 @@ class Stepper:
                         loss, _ = self.module(b.input_ids, b.attention_mask, b.labels, features)
                         loss = loss / k
                         logged = loss.detach() / self.world_size
+            if poison:  # a real NaN through the real backward, clipping and checks
+                loss = loss * float("nan")
+                logged = logged * float("nan")
             with phase("backward"):
                 loss.backward()
             loss_sum += logged.float()

@@ -191,3 +191,23 @@ def test_yield_epoch_keys():
     plain = sampler()
     plain.set_epoch(3)
     assert list(s) == [[(i, 3) for i in b] for b in plain]
+
+
+def test_an_epochs_end_is_the_next_epochs_start():
+    """A state taken after the last micro-batch of epoch e says (e + 1, 0), and an old state that says (e, len)
+    loads as that too: a resume at an epoch's end never replays the epoch."""
+    s = sampler(micro_batch_size=2)
+    s.set_epoch(1)
+    done = list(s)
+    assert s.position == len(s) == len(done)
+    state = s.state_dict()
+    assert (state["epoch"], state["position"]) == (2, 0)
+    assert s.state_dict(position=3, epoch=4)["epoch"] == 4
+    nxt = sampler(micro_batch_size=2)
+    nxt.set_epoch(2)
+    expected = list(nxt)
+    for st in (state, dict(state, epoch=1, position=len(done))):
+        resumed = sampler(micro_batch_size=2)
+        resumed.load_state_dict(st)
+        resumed.set_epoch(2)
+        assert (resumed.epoch, resumed.position) == (2, 0) and list(resumed) == expected

@@ -313,7 +313,8 @@ def test_export_release_and_safetensors_round_trip(tmp_path):
 # ------------------------------------------------------------------------------------------------- subprocess modes
 def _main(argv: list[str]) -> int:
     import merv_fast.train.checkpoint as ckm
-    from merv_fast.train.checkpoint import Checkpointer, export_safetensors, install_signal_handlers
+    from merv_fast.train.checkpoint import Checkpointer, export_safetensors
+    from merv_fast.train.signals import install_signal_handlers
 
     mode, out = argv[0], Path(argv[1])
     torch.set_num_threads(1)

@@ -83,3 +83,21 @@ def test_train_config_recipes_and_overrides(tmp_path):
         make_train_config(overrides={"no_such_key": 1})
     with pytest.raises(ConfigError):
         make_train_config(overrides={"loss_norm": "mean"})
+
+
+def test_fault_and_cadence_settings(tmp_path):
+    from merv_fast.config import ConfigError
+    from merv_fast.train.config import make_train_config
+
+    c = make_train_config(overrides=["debug.nan_at_step=3", "save_every_minutes=2.5", "keep_last=0"])
+    assert (c.debug.nan_at_step, c.save_every_minutes, c.keep_last) == (3, 2.5, 0)
+    assert c.to_dict()["debug"] == {"nan_at_step": 3}
+    y = tmp_path / "t.yaml"
+    y.write_text("debug:\n  nan_at_step: 2\nsave_every_minutes: 0\n")
+    c = make_train_config(config_file=y)
+    assert (c.debug.nan_at_step, c.save_every_minutes) == (2, 0.0)
+    for bad, words in (({"debug.nan_at": 1}, "debug.nan_at"), ({"debug.nan_at_step": 0}, "nan_at_step"),
+                       ({"save_every_minutes": -1}, "save_every_minutes"), ({"keep_last": -1}, "keep_last"),
+                       ({"resume": True, "overwrite": True}, "contradict")):
+        with pytest.raises(ConfigError, match=words):
+            make_train_config(overrides=bad)
