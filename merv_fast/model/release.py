@@ -86,7 +86,7 @@ def to_release_state_dict(model) -> dict[str, torch.Tensor]:
     return {theirs: sd[ours].detach() for ours, theirs in release_names(model).items()}
 
 
-def _release_spelling(key: str) -> str:
+def release_spelling(key: str) -> str:
     """Older spellings the release's loader accepts (merv.py:273-274, 284-289): the fusion group `adapter`, and one
     bare `projector` group for a single-encoder model."""
     if key.startswith("adapter."):
@@ -94,6 +94,12 @@ def _release_spelling(key: str) -> str:
     if key.startswith("projector."):
         return "projectors.0." + key[len("projector."):]
     return key
+
+
+def release_to_ours(model) -> dict[str, str]:
+    """The release's flat key (any spelling its loader accepts, see `release_spelling`) -> our parameter name, for
+    every tensor of `model` a release checkpoint holds."""
+    return {theirs: name for name, theirs in release_names(model).items()}
 
 
 def nest_release(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
@@ -111,10 +117,10 @@ def load_release_state_dict(model, state_dict: dict[str, Any], source: str = "<s
     flat = flatten_release(state_dict)
     ours = model.state_dict()
     names = release_names(model)
-    by_release = {theirs: name for name, theirs in names.items()}
+    by_release = release_to_ours(model)
     mapped: dict[str, torch.Tensor] = {}
     for key, value in flat.items():
-        name = by_release.get(_release_spelling(key))
+        name = by_release.get(release_spelling(key))
         if name is None:
             raise ReleaseCheckpointError(f"{source}: key {key!r} has no place in model {model.config.name!r} "
                                          f"(visual.arch={model.config.visual.arch!r}, "

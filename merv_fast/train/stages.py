@@ -48,7 +48,7 @@ def load_projectors(model, path: str | Path) -> Path:
     checkpoint (its `projectors` group); every projector weight must be there with its shape."""
     from merv_fast.eval.weights import load_training_checkpoint, resolve_weights
     from merv_fast.model.release import ReleaseCheckpointError, flatten_release, read_release_checkpoint, \
-        release_to_ours
+        release_spelling, release_to_ours
 
     path = resolve_weights(path)
     expected = {n: t for n, t in model.state_dict().items() if n.startswith(PROJECTORS)}
@@ -62,10 +62,11 @@ def load_projectors(model, path: str | Path) -> Path:
         names = {k: k for k in found}
     else:
         flat = flatten_release(read_release_checkpoint(path))
+        by_release = release_to_ours(model)
         found, names = {}, {}
         for key, value in flat.items():
-            if key.startswith("projectors."):
-                ours = release_to_ours(key)
+            if release_spelling(key).startswith("projectors."):
+                ours = by_release.get(release_spelling(key))
                 if ours is None or ours not in expected:
                     raise ReleaseCheckpointError(f"{path}: key {key!r} has no place in model {model.config.name!r}")
                 found[ours], names[ours] = value, key
