@@ -115,16 +115,19 @@ def add_pad_token(tokenizer) -> int:
 
 
 def build_tokenizer(cfg: LLMConfig):
-    """The tokenizer from `cfg.weights` (a local directory), with the pad token added; None without weights.
+    """The tokenizer from `cfg.tokenizer` or else `cfg.weights` (a local directory), with the pad token added; None
+    without either.
 
     Right padding and `model_max_length = cfg.max_text_tokens`, as the release. Formats that add no pad token fall
     back to EOS when the tokenizer has none: padded positions are never attended or supervised, so the id is moot.
     """
-    if cfg.weights is None:
+    if cfg.tokenizer is None and cfg.weights is None:
         return None
     from transformers import AutoTokenizer
 
-    directory = _check_weights_dir(cfg.weights)
+    directory = Path(cfg.tokenizer) if cfg.tokenizer is not None else _check_weights_dir(cfg.weights)
+    if not directory.is_dir():
+        raise ValueError(f"tokenizer directory {str(directory)!r} does not exist")
     tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
                                               model_max_length=cfg.max_text_tokens, padding_side="right")
     if cfg.add_pad_token:
@@ -135,6 +138,21 @@ def build_tokenizer(cfg: LLMConfig):
         raise ValueError(f"tokenizer in {str(directory)!r} has {len(tokenizer)} tokens, more than the "
                          f"{cfg.padded_vocab_size} embedding rows")
     return tokenizer
+
+
+def tokenizer_for(cfg: LLMConfig):
+    """`build_tokenizer(cfg)`, or for a random-init LLM without a tokenizer directory (the test presets) the
+    in-process tiny Llama tokenizer, with the same pad-token handling."""
+    tok = build_tokenizer(cfg)
+    if tok is None:
+        from merv_fast.testing import tiny_llama_tokenizer
+
+        tok = tiny_llama_tokenizer(vocab_size=min(400, cfg.vocab_size))
+        if cfg.add_pad_token:
+            add_pad_token(tok)
+        elif tok.pad_token is None:
+            tok.pad_token = tok.eos_token
+    return tok
 
 
 def splice_visual_tokens(text_embeds: torch.Tensor, attention_mask: torch.Tensor | None,

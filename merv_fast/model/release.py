@@ -17,12 +17,14 @@ from typing import Any
 
 import torch
 
+from merv_fast.model.strict import WeightsMismatchError, check_weights
+
 FUSION_GROUP_ALIASES = ("feature_fusion", "adapter")
 _PROJECTOR = re.compile(r"^projectors\.(\d+)\.projector\.projector\.(weight|bias)$")
 
 
-class ReleaseCheckpointError(ValueError):
-    """A release checkpoint that does not fit the model: names the file and the key."""
+class ReleaseCheckpointError(WeightsMismatchError):
+    """A release checkpoint that cannot be read or does not fit the model: names the file and the key."""
 
 
 def flatten_release(tree: dict[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
@@ -88,29 +90,25 @@ def nest_release(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Ten
     return nested
 
 
-def load_release_state_dict(model, state_dict: dict[str, Any], source: str = "<state dict>") -> None:
-    """Load a release checkpoint (nested or flat) into `model`. Every expected key must be present with its exact
-    shape; any key we do not recognise is an error: nothing is silently dropped or left at random init."""
-    flat = flatten_release(state_dict)
+def load_release_state_dict(model, state_dict: dict[str, Any], source: str = "<state dict>",
+                            trained_as: str | None = None, unused: tuple[str, ...] = ()) -> None:
+    """Load a release checkpoint (nested or flat) into `model`. The file must hold exactly the keys the model expects,
+    with their shapes (merv_fast.model.strict): nothing is silently dropped or left at random init. `trained_as`
+    (the preset or release model id the file comes with, when known) is named in the error. `unused`: release key
+    prefixes the caller knows the model does without (model/release_models.py names them per release model, e.g.
+    a one-encoder fusion, whose softmax weight is exactly 1); they are dropped, and only they."""
+    flat = {k: v for k, v in flatten_release(state_dict).items() if not (unused and k.startswith(unused))}
     ours = model.state_dict()
-    expected = set(_exported_names(model))
-    mapped: dict[str, torch.Tensor] = {}
-    for key, value in flat.items():
-        name = release_to_ours(key)
-        if name is None or name not in expected:
-            raise ReleaseCheckpointError(f"{source}: key {key!r} has no place in model {model.config.name!r}")
-        if tuple(value.shape) != tuple(ours[name].shape):
-            raise ReleaseCheckpointError(f"{source}: key {key!r} has shape {tuple(value.shape)}, "
-                                         f"model {model.config.name!r} expects {tuple(ours[name].shape)}")
-        mapped[name] = value
-    missing = sorted(expected - set(mapped))
-    if missing:
-        shown = ", ".join(repr(ours_to_release(n)) for n in missing[:5])
-        raise ReleaseCheckpointError(f"{source}: {len(missing)} key(s) missing, e.g. {shown}")
-    model.load_state_dict(mapped, strict=False)
+    expected = {ours_to_release(n): tuple(ours[n].shape) for n in _exported_names(model)}
+    # Keys under the fusion group's other name (`adapter`) are compared under the name our export writes.
+    found = {(ours_to_release(release_to_ours(k)) if release_to_ours(k) else k): tuple(v.shape)
+             for k, v in flat.items()}
+    check_weights(expected, found, source, model.config.name, trained_as, error=ReleaseCheckpointError)
+    model.load_state_dict({release_to_ours(k): v for k, v in flat.items()}, strict=False)  # every key checked above
 
 
-def load_release_checkpoint(model, path: str | Path) -> dict[str, Any]:
+def load_release_checkpoint(model, path: str | Path, trained_as: str | None = None,
+                            unused: tuple[str, ...] = ()) -> dict[str, Any]:
     """Read a release training checkpoint (`torch.load(..., weights_only=True)`: never unpickles code) into `model`.
     Returns the file's other entries (optimizer, lr_scheduler, step) untouched."""
     path = Path(path)
@@ -122,7 +120,7 @@ def load_release_checkpoint(model, path: str | Path) -> dict[str, Any]:
         raise ReleaseCheckpointError(f"{path}: not a readable weights-only checkpoint ({err})") from err
     if not isinstance(payload, dict):
         raise ReleaseCheckpointError(f"{path}: expected a dict, found {type(payload).__name__}")
-    load_release_state_dict(model, payload, source=str(path))
+    load_release_state_dict(model, payload, source=str(path), trained_as=trained_as, unused=unused)
     return {k: v for k, v in payload.items() if k != "model"}
 
 

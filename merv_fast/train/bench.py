@@ -168,12 +168,13 @@ def media_batches(cfg, batch_size: int, count: int, seed: int = 0) -> list:
     per-sample list; the step's preprocessing handles that."""
     from merv_fast.data.collate import collate
     from merv_fast.data.dataset import VideoLLaVADataset, load_entries
-    from merv_fast.train.loop import build_tokenizer_for, ensure_synthetic_data
+    from merv_fast.model.llm import tokenizer_for
+    from merv_fast.train.loop import ensure_synthetic_data
     from merv_fast.train.parallel import DistInfo
 
     data_json, media_root = ensure_synthetic_data(DistInfo(), seed)
     videos = [e for e in load_entries(data_json) if e.kind == "video"]
-    tokenizer = build_tokenizer_for(cfg)
+    tokenizer = tokenizer_for(cfg.llm)
     dataset = VideoLLaVADataset(videos, media_root, tokenizer, prompt_format=cfg.llm.prompt_format,
                                 max_length=cfg.llm.max_text_tokens, seed=seed, frames=cfg.visual.frames_sampled)
     return [collate([dataset[(i * batch_size + j) % len(dataset)] for j in range(batch_size)],

@@ -133,21 +133,6 @@ def ensure_synthetic_data(info: DistInfo, seed: int = 0) -> tuple[str, str]:
     return str(root / "data.json"), str(root)
 
 
-def build_tokenizer_for(model_cfg: ModelConfig):
-    from merv_fast.model.llm import add_pad_token, build_tokenizer
-
-    tok = build_tokenizer(model_cfg.llm)
-    if tok is None:  # random-init LLM (test presets): the in-process tiny Llama tokenizer
-        from merv_fast.testing import tiny_llama_tokenizer
-
-        tok = tiny_llama_tokenizer(vocab_size=min(400, model_cfg.llm.vocab_size))
-        if model_cfg.llm.add_pad_token:
-            add_pad_token(tok)
-        elif tok.pad_token is None:
-            tok.pad_token = tok.eos_token
-    return tok
-
-
 def default_micro_batch(per_rank: int, cap: int = 16) -> int:
     return max(d for d in range(1, min(per_rank, cap) + 1) if per_rank % d == 0)
 
@@ -202,22 +187,25 @@ class MetricsWriter:
 
 
 # ------------------------------------------------------------------------------------------------ the loop
-def _load_init(model, path: str) -> None:
-    from merv_fast.model.release import load_release_checkpoint
+def _load_init(model, path: str) -> dict:
+    """Initial weights from any trained-weights path `--weights` takes (merv_fast.pretrained.weights), strictly;
+    returns what was read."""
+    from merv_fast.pretrained.weights import load_weights
 
-    load_release_checkpoint(model, path)
+    return load_weights(model, path).record()
 
 
-def export_weights(model, out: Path, export: str) -> dict[str, str]:
+def export_weights(model, out: Path, export: str, seed: int | None = None) -> dict[str, str]:
     """The trained weights (all but the frozen encoders), gathered from the shards: `model.safetensors` (ours, what
-    `merv-fast eval --weights` reads) and/or `release_checkpoint.pt` (the release's layout). Every rank calls it."""
-    from merv_fast.train.checkpoint import export_release, export_safetensors
+    `merv-fast eval --weights` reads) and/or `release/` (a release run directory: config.json and
+    checkpoints/latest-checkpoint.pt, what the release's `load_vid` reads). Every rank calls it."""
+    from merv_fast.train.checkpoint import export_release_run, export_safetensors
 
     written = {}
     if export in ("safetensors", "both"):
-        written["safetensors"] = export_safetensors(model, out / "model.safetensors")
+        written["safetensors"] = export_safetensors(model, out / "model.safetensors", seed=seed)
     if export in ("release", "both"):
-        written["release"] = export_release(model, out / "release_checkpoint.pt")
+        written["release"] = export_release_run(model, out / "release", seed=seed)
     return {k: str(v) for k, v in written.items() if v is not None}
 
 
@@ -233,6 +221,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer=None) -> dict:
     from merv_fast.data.dataset import VideoLLaVADataset, load_entries, summarize_bad_samples
     from merv_fast.data.sampler import ModalityLengthGroupedSampler
     from merv_fast.model.flops import peak_bf16_flops
+    from merv_fast.model.llm import tokenizer_for
     from merv_fast.model.merv import build_model
     from merv_fast.train.optim import build_optimizer
 
@@ -249,8 +238,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer=None) -> dict:
 
     # ---- model
     model = build_model(config=model_cfg, device=device)
-    if cfg.init_from:
-        _load_init(model, cfg.init_from)
+    weights_read = {"init_from": _load_init(model, cfg.init_from) if cfg.init_from else None}
     apply_activation_checkpointing(model.llm, cfg.activation_checkpointing)
     module = TrainModule(model, pack_budget=cfg.pack_budget if cfg.packing else None)
     module = shard_model(module, info, param_dtype=cfg.param_dtype, reduce_dtype=cfg.reduce_dtype,
@@ -263,7 +251,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer=None) -> dict:
         data_json, media_root = ensure_synthetic_data(info, cfg.seed)
     elif media_root is None:
         media_root = str(Path(data_json).parent)
-    tokenizer = build_tokenizer_for(model_cfg)
+    tokenizer = tokenizer_for(model_cfg.llm)
     dataset_args = (load_entries(data_json), media_root, tokenizer)
     dataset_kwargs = dict(prompt_format=model_cfg.llm.prompt_format, max_length=model_cfg.llm.max_text_tokens,
                           seed=cfg.seed, frames=model_cfg.visual.frames_sampled, decoder=cfg.decoder)
@@ -298,8 +286,8 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer=None) -> dict:
                        config=cfg.to_dict())
     if checkpointer is None:
         checkpointer = _make_checkpointer(cfg)
-    if cfg.resume:
-        checkpointer.load_latest(state)
+    if cfg.resume and checkpointer.load_latest(state):
+        weights_read["resumed_from"] = str(checkpointer.latest())
 
     timer = PhaseTimer(device)
     stepper = Stepper(module, optimizer, scheduler, device=device, loss_norm=cfg.loss_norm, grad_clip=cfg.grad_clip,
@@ -386,7 +374,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer=None) -> dict:
                 state.consumed = 0
         checkpointer.save_final(state)
         if not stop_requested:  # a preempted run resumes from its checkpoint; a finished one hands its weights on
-            exported = export_weights(model, out, cfg.export)
+            exported = export_weights(model, out, cfg.export, seed=cfg.seed)
     finally:
         signals.restore()
         metrics.close()
@@ -395,7 +383,7 @@ def train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer=None) -> dict:
                "micro_batches_per_step": k, "micro_batch_size": micro, "world_size": info.world_size,
                "final_loss": losses[-1] if losses else None, "losses": losses, "skipped_steps": skipped,
                "wall_s": wall, "bad_samples": summarize_bad_samples(bad_all), "data": data_json,
-               "config": cfg.to_dict(), "model": model_cfg.name, "exported": exported}
+               "config": cfg.to_dict(), "model": model_cfg.name, "exported": exported, "weights_read": weights_read}
     if info.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary
