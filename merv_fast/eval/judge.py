@@ -80,6 +80,8 @@ def messages_for(row: dict) -> list[dict]:
 def parse_verdict(text: str) -> dict | None:
     """{'pred': 'yes'|'no', 'score': number} from the judge's reply, or None (the release's checks,
     eval_gpt.py:26-31)."""
+    if not isinstance(text, str):
+        return None
     try:
         value = ast.literal_eval(text.strip())
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
@@ -114,13 +116,23 @@ class Endpoint:
         return reply["choices"][0]["message"]["content"]
 
 
+FATAL_HTTP = (401, 403, 404)  # a wrong key or URL fails every question alike: stop at once
+
+
 def judge_one(endpoint: Endpoint, messages: list[dict], max_tries: int) -> tuple[dict | None, str]:
     """(verdict or None, the last reply or error): asked up to `max_tries` times, with a growing pause after a
-    failed request."""
+    failed request. An HTTP 401/403/404 raises ValueError: no question would get through."""
     last = ""
     for attempt in range(max_tries):
         try:
             last = endpoint.ask(messages)
+        except urllib.error.HTTPError as err:
+            if err.code in FATAL_HTTP:
+                raise ValueError(f"{endpoint.url}: HTTP {err.code} {err.reason} (check --endpoint, --model and the "
+                                 "API key's environment variable)") from err
+            last = f"request failed: HTTP {err.code} {err.reason}"
+            time.sleep(min(2.0 ** attempt * 0.5, 8.0))
+            continue
         except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError, TypeError) as err:
             last = f"request failed: {type(err).__name__}: {err}"[:300]
             time.sleep(min(2.0 ** attempt * 0.5, 8.0))
@@ -226,14 +238,17 @@ def run_judge(settings: JudgeSettings, endpoint: Endpoint | None = None) -> dict
             qid, key, messages = job
             return qid, key, *judge_one(endpoint, messages, settings.max_tries)
 
-        with ThreadPoolExecutor(max_workers=settings.workers) as pool:
+        pool = ThreadPoolExecutor(max_workers=settings.workers)
+        try:
             for qid, key, verdict, reply in pool.map(ask, todo):
                 if verdict is None:
                     failed[qid] = reply
                 else:
                     cache.add({"key": f"{qid}/{key}", "question_id": qid, **verdict, "reply": reply})
                 bar.update(1)
-        bar.close()
+        finally:
+            pool.shutdown(cancel_futures=True)  # after a fatal error, the questions not yet sent are not sent
+            bar.close()
         verdicts, release = [], {}
         for row in rows:
             qid = str(row["question_id"])

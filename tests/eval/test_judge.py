@@ -21,6 +21,9 @@ class Judge(BaseHTTPRequestHandler):
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         Judge.requests.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
+        if self.headers.get("Authorization") == "Bearer wrong":
+            self.send_error(401, "invalid key")
+            return
         user = body["messages"][1]["content"]
         question = user.split("Question: ")[1].split("\n")[0]
         answer = user.split("Correct Answer: ")[1].split("\n")[0]
@@ -89,6 +92,11 @@ def test_judge_scores_caches_and_resumes(tmp_path, endpoint, monkeypatch, capsys
     assert len(Judge.requests) == 1
     assert json.loads((run / "judge.json").read_text())["benchmarks"]["MSVD-QA"]["yes"] == 4
     assert main(argv[:-4] + ["--benchmark", "nope"]) == 2
+    monkeypatch.setenv("JUDGE_KEY", "wrong")
+    Judge.requests = []
+    (run / "TGIF-QA_pred_merge.jsonl").write_text((run / "TGIF-QA_pred_merge.jsonl").read_text().replace("x", "y"))
+    assert main(argv + ["--benchmark", "TGIF-QA"]) == 2  # a refused key stops at the first answer, not per question
+    assert "HTTP 401" in capsys.readouterr().err and len(Judge.requests) <= 3
     assert main(["judge", "--run", str(run), "--endpoint", "127.0.0.1:1", "--model", "m"]) == 2  # no scheme: no guess
 
 
@@ -96,5 +104,5 @@ def test_verdicts_are_read_as_literals_never_run():
     assert parse_verdict("{'pred': 'yes', 'score': 4.8}") == {"pred": "yes", "score": 4.8}
     assert parse_verdict(" {'pred': 'no', 'score': 0} ") == {"pred": "no", "score": 0}
     for reply in ["{'pred': 'maybe', 'score': 3}", "{'pred': 'yes', 'score': '4'}", "yes, 4",
-                  "__import__('os').system('echo hi')", "{'pred': 'yes'}", "[1, 2]"]:
+                  "__import__('os').system('echo hi')", "{'pred': 'yes'}", "[1, 2]", None]:
         assert parse_verdict(reply) is None, reply
