@@ -91,9 +91,11 @@ def cmd_data_synth(args) -> int:
     from merv_fast.data.synth import synthesize
 
     if args.eval is not None:
-        from merv_fast.eval.synth import synthesize_eval
+        from merv_fast.eval.synth import synthesize_eval, synthesize_layouts
 
-        for directory, count in synthesize_eval(args.eval, videos=args.eval_videos, seed=args.seed).items():
+        written = {**synthesize_eval(args.eval, videos=args.eval_videos, seed=args.seed),
+                   **synthesize_layouts(args.eval, seed=args.seed)}
+        for directory, count in written.items():
             print(f"wrote {count} questions and their videos to {directory} (test_q.json, test_a.json, videos/)")
     if args.out is None:
         if args.eval is None:
@@ -110,7 +112,8 @@ def cmd_eval(args) -> int:
     from merv_fast.eval.runner import EvalSettings, run_eval
 
     metrics = run_eval(EvalSettings(
-        task=args.task, data=args.data, out=args.out, weights=args.weights, preset=args.preset, config=args.config,
+        task=args.task, data=args.data, out=args.out, weights=args.weights, weights_roots=args.weights_root,
+        hub_cache=args.hf_cache, preset=args.preset, config=args.config,
         overrides=parse_cli_overrides(args.overrides), batch_size=args.batch_size, generate=args.generate,
         max_new_tokens=args.max_new_tokens, seed=args.seed, device=args.device, dtype=args.dtype,
         decoder=args.decoder, timeout_s=args.timeout_s))
@@ -119,6 +122,43 @@ def cmd_eval(args) -> int:
         score = f"accuracy {overall['accuracy']:.4f} ({overall['correct']}/{overall['total']}); " if overall else ""
         print(f"{metrics['answered']} of {metrics['questions']} questions answered; {score}"
               f"broken videos {metrics['broken']['videos']}; metrics in {args.out}/metrics.json")
+    return 0
+
+
+def _weights_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights-root", action="append", default=[], metavar="DIR",
+                   help="where a release model's pretrained parts are (DIR/<release id>, DIR/<org>/<name>, "
+                        "DIR/<name>, or DIR as a Hugging Face hub cache); repeatable")
+    p.add_argument("--hf-cache", default=None, metavar="DIR",
+                   help="a local Hugging Face hub cache (default $HF_HUB_CACHE or ~/.cache/huggingface/hub); "
+                        "nothing is downloaded")
+
+
+def cmd_ask(args) -> int:
+    from merv_fast.config import parse_cli_overrides
+    from merv_fast.eval.ask import run_ask
+    from merv_fast.eval.videolm import VideoLM
+
+    videolm = VideoLM.from_pretrained(args.weights, overrides=parse_cli_overrides(args.overrides),
+                                      weights_roots=args.weights_root, hub_cache=args.hf_cache, device=args.device,
+                                      dtype=args.dtype, decoder=args.decoder, seed=args.seed)
+    run_ask(videolm, args.video, args.questions, args.start, args.end, args.end_frame,
+            max_new_tokens=args.max_new_tokens, do_sample=args.do_sample, temperature=args.temperature,
+            top_p=args.top_p, seed=args.seed, batch_size=args.batch_size)
+    return 0
+
+
+def cmd_judge(args) -> int:
+    from merv_fast.eval.judge import JudgeSettings, run_judge
+
+    result = run_judge(JudgeSettings(run=args.run, endpoint=args.endpoint, model=args.model,
+                                     benchmarks=args.benchmark, api_key_env=args.api_key_env, workers=args.workers,
+                                     max_tries=args.max_tries, timeout_s=args.timeout_s))
+    for name, r in result["benchmarks"].items():
+        unjudged = f", {r['unjudged']} unjudged (counted no, 0; a rerun asks again)" if r["unjudged"] else ""
+        print(f"{name}: accuracy {r['accuracy']:.4f} ({r['yes']}/{r['judged']}), mean score "
+              f"{r['mean_score']:.3f}{unjudged}")
+    print(f"verdicts in {args.run}/judge.json and {args.run}/<benchmark>_gpt.json")
     return 0
 
 
@@ -303,7 +343,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="benchmark directories (test_q.json, test_a.json, videos/); the name is the benchmark's")
     p.add_argument("--weights", default=None,
                    help="trained weights: a training run directory (newest checkpoint) or step directory, our "
-                        ".safetensors export, a release checkpoint, or a directory with one such file")
+                        ".safetensors export, a release run directory (config.json + checkpoints/) or checkpoint, "
+                        "or a directory with one such file; its own model unless --preset/--config is given")
+    _weights_args(p)
     p.add_argument("--out", required=True, help="run directory (predictions, metrics.json); a rerun resumes")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--generate", action="store_true",
@@ -315,6 +357,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--decoder", default="auto", help="auto | torchcodec | pyav")
     p.add_argument("--timeout-s", type=float, default=None, help="per-video decode time limit")
     p.set_defaults(fn=cmd_eval)
+
+    p = sub.add_parser("ask", help="ask a trained MERV about videos; the answer streams to the terminal")
+    p.add_argument("questions", nargs="+", metavar="QUESTION")
+    p.add_argument("--weights", required=True, help="trained weights (as `eval --weights`): the model they describe")
+    p.add_argument("--video", action="append", required=True, metavar="PATH",
+                   help="a video file, GIF or JPEG frame folder; repeat for several (each question goes to each "
+                        "video when one side has one entry, else they pair up in order)")
+    p.add_argument("--start", type=float, default=None, help="window start, seconds")
+    p.add_argument("--end", type=float, default=None, help="window end, seconds")
+    p.add_argument("--end-frame", type=int, default=None, help="look at frames 0..N instead (Perception Test)")
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="sampling draws, and LanguageBind's per-video flip")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _weights_args(p)
+    p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--decoder", default="auto", help="auto | torchcodec | pyav")
+    p.set_defaults(fn=cmd_ask)
+
+    p = sub.add_parser("judge", help="send `eval --task open` predictions to an OpenAI-compatible LLM judge; "
+                                     "cached, resumable; the release's yes/no accuracy and mean score")
+    p.add_argument("--run", required=True, help="the `merv-fast eval --task open` output directory")
+    p.add_argument("--endpoint", required=True, help="the judge's base URL, e.g. http://127.0.0.1:8000/v1")
+    p.add_argument("--model", required=True, help="the judge model's name at that endpoint")
+    p.add_argument("--benchmark", action="append", default=[], help="only these (default: every prediction file)")
+    p.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                   help="environment variable holding the endpoint's key, if it needs one")
+    p.add_argument("--workers", type=int, default=8, help="requests in flight")
+    p.add_argument("--max-tries", type=int, default=3)
+    p.add_argument("--timeout-s", type=float, default=60.0)
+    p.set_defaults(fn=cmd_judge)
 
     sub.add_parser("gpu-suite", help="every GPU check and benchmark, area by area, resumable "
                                      "(options: merv-fast gpu-suite --help)")

@@ -140,6 +140,7 @@ class LLMConfig:
     has_bos: bool = True  # sequences start with BOS and visual tokens go right after it (Qwen2.5: no BOS)
     max_text_tokens: int = 2048
     weights: str | None = None
+    tokenizer: str | None = None  # local tokenizer directory when not `weights` (release checkpoints hold the LLM)
     attention: str = "auto"  # one of LLM_ATTENTION; auto: see merv_fast/model/attention.py
     loss: str = "fused"  # one of LLM_LOSSES
     # Triton RMSNorm / SwiGLU / RoPE in the Llama layers (merv_fast/model/llama_kernels.py): true, false or a list
@@ -571,6 +572,39 @@ def load_config(preset: str | None = None, config_file: str | Path | None = None
     except ConfigError as err:
         raise ConfigError(f"config file {str(config_file)!r}: {err}") from None
     return apply_overrides(cfg, overrides or {})
+
+
+def model_config_from_dict(data: dict[str, Any], source: str = "<dict>") -> ModelConfig:
+    """The inverse of `ModelConfig.to_dict()` (what runs and exports record), validated; an unknown key is a
+    ConfigError naming `source` and the key. Keys a later version added are left at their defaults."""
+    def build(cls, values: Any, where: str):
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: {where}: expected a mapping, got {type(values).__name__}")
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ConfigError(f"{source}: {where}: unknown key(s) {unknown}; known: {sorted(known)}")
+        out = {}
+        for key, value in values.items():
+            default = known[key].default
+            out[key] = tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
+        return cls(**out)
+
+    data = dict(data)
+    encoders = []
+    for i, enc in enumerate(data.pop("encoders", [])):
+        enc = dict(enc)
+        pre = enc.pop("preprocess", {})
+        pre = {k: tuple(v) if isinstance(v, list) else v for k, v in pre.items()}
+        encoders.append(build(EncoderConfig, {**enc, "preprocess": build(PreprocessSpec, pre, f"encoders[{i}]")},
+                              f"encoders[{i}]"))
+    parts = {"llm": LLMConfig, "visual": VisualConfig, "encoder_runtime": EncoderRuntime}
+    for key, cls in parts.items():
+        if key in data:
+            data[key] = build(cls, data[key], key)
+    cfg = build(ModelConfig, {**data, "encoders": encoders}, "model")
+    validate(cfg)
+    return cfg
 
 
 def validate(cfg: ModelConfig) -> None:

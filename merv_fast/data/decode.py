@@ -157,21 +157,21 @@ def _read_frames(path: str, indices: list[int], backend: str):
     return _backend(backend).read_frames(path, indices)
 
 
-def _probe_sample_read(path: str, backend: str, count: int, start_s, end_s):
+def _probe_sample_read(path: str, backend: str, count: int, start_s, end_s, end_frame=None):
     from merv_fast.data.frames import sample_frame_indices
 
     info = _backend(backend).probe(path)
-    indices = sample_frame_indices(info.num_frames, info.fps, count, start_s, end_s)
+    indices = sample_frame_indices(info.num_frames, info.fps, count, start_s, end_s, end_frame)
     return _backend(backend).read_frames(path, indices), indices, info
 
 
 def decode_video_sampled(path: str | Path, count: int = 32, start_s: float | None = None, end_s: float | None = None,
-                         decoder: str = "auto", timeout_s: float | None = None
+                         decoder: str = "auto", timeout_s: float | None = None, end_frame: int | None = None
                          ) -> tuple[torch.Tensor, list[int], VideoInfo]:
-    """Probe, sample `count` indices (spec section 1) and decode them in one call (one worker round trip, and
-    PyAV's packet scan is shared): (frames, indices, info)."""
+    """Probe, sample `count` indices (spec section 1; `end_frame` as `frames.sample_frame_indices`) and decode them
+    in one call (one worker round trip, and PyAV's packet scan is shared): (frames, indices, info)."""
     frames, indices, info = load_media_with_timeout(_probe_sample_read, str(path), choose_decoder(decoder)[0], count,
-                                                    start_s, end_s, timeout_s=timeout_s)
+                                                    start_s, end_s, end_frame, timeout_s=timeout_s)
     return torch.from_numpy(frames), indices, info
 
 

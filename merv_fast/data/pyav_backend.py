@@ -367,3 +367,34 @@ def _read_image_pyav(path: Path) -> np.ndarray:
             raise MediaError(path, f"corrupt image: {_ffmpeg_message(err)}") from None
     raise MediaError(path, "corrupt image: nothing decodes")
 
+
+
+# ------------------------------------------------------------------------------------------------------ GIFs
+def read_gif(path: str | Path, count: int) -> tuple[np.ndarray, list[int]]:
+    """(uint8 [count, H, W, 3], the frame indices): `count` frames of an animated GIF taken by linspace over all of
+    its frames, each composited and converted by Pillow as the release's TGIF reading does (`ImageSequence` +
+    `convert("RGB")`; merv/preprocessing/datasets/datasets.py:116-122). Frames are walked in order and only the
+    sampled ones are kept."""
+    from PIL import Image, ImageSequence, UnidentifiedImageError
+
+    from merv_fast.data.frames import sample_frame_indices
+
+    path = check_file(path)
+    try:
+        with Image.open(path) as image:
+            total = getattr(image, "n_frames", 1)
+            wanted = sample_frame_indices(total, None, count)
+            kept: dict[int, np.ndarray] = {}
+            for number, frame in enumerate(ImageSequence.Iterator(image)):
+                if number in wanted:
+                    kept[number] = np.array(frame.convert("RGB"))
+                if number >= wanted[-1]:
+                    break
+    except UnidentifiedImageError:
+        raise MediaError(path, "corrupt GIF: not a format Pillow recognises") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as err:
+        raise MediaError(path, f"corrupt GIF: {err}"[:200]) from None
+    missing = [i for i in wanted if i not in kept]
+    if missing:
+        raise MediaError(path, f"truncated GIF: frame {missing[0]} of {total} does not decode")
+    return np.stack([kept[i] for i in wanted]), wanted

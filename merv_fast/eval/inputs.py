@@ -14,7 +14,7 @@ import zlib
 
 import torch
 
-from merv_fast.data.dataset import Entry, counter_hash, load_media
+from merv_fast.data.dataset import counter_hash
 from merv_fast.data.preprocess import preprocess_batch
 from merv_fast.model.llm import splice_visual_tokens
 
@@ -23,15 +23,9 @@ _STREAM_EVAL_FLIP = 3  # apart from the dataset's flip / replacement streams
 
 def video_flip(seed: int, video_key: str) -> bool:
     """LanguageBind's p = 0.5 horizontal flip, which the release applies at evaluation too: drawn per video (every
-    question of a video sees the same tokens), from (seed, video) only."""
+    question of a video sees the same tokens), from (seed, video) only. The key is the video's file (or frame
+    folder) name, so that `merv-fast eval` and `VideoLM.generate` see the same tokens for the same video."""
     return bool(counter_hash(seed, zlib.crc32(video_key.encode()), _STREAM_EVAL_FLIP) & 1)
-
-
-def load_frames(directory: str, relative_path: str, clip, frames: int, decoder: str = "auto",
-                timeout_s: float | None = None) -> torch.Tensor:
-    """uint8 [frames, H, W, 3]: the spec's sampled indices of the clip window (section 1). Raises MediaError."""
-    entry = Entry(index=0, id=relative_path, kind="video", media=relative_path, conversations=[], clip=clip)
-    return load_media(entry, directory, decoder=decoder, timeout_s=timeout_s, frames=frames)
 
 
 @torch.no_grad()

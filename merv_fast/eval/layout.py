@@ -3,16 +3,22 @@
 `scripts/eval_mcq.py`, `scripts/eval_openended.py`):
 
 - `test_q.json`: a list of questions, each `{"question_id", "video_name", "question"}`; multiple choice adds
-  `"options"` (list of strings) and `"num_option"`; optional `"time": [start_s, end_s]` (a clip of the video, the
-  release's `clip_start_sec` / `clip_end_sec`). Other keys (e.g. Perception Test's `end_frame`, which the release's
-  MC script never passes on) are kept for the prediction file and otherwise ignored.
-- `test_a.json`: a list of `{"question_id", "answer"}`; multiple choice adds `"answer_id"` (index into options).
-- `videos/{video_name}.*`: the release globs for the name with any suffix (VLEP's names carry their suffix: an
-  exact match is taken first).
+  `"options"` (list of strings) and `"num_option"` (eval_mcq.py:59-62).
+- `test_a.json`: a list of `{"question_id", "answer"}`; multiple choice adds `"answer_id"` (index into options,
+  eval_mcq.py:70). Every other key of both entries is kept for the prediction line (eval_mcq.py:161,
+  eval_openended.py:180-182).
+- Multiple choice only (eval_mcq.py:141-156): optional `"time": [start_s, end_s]` (a window of the video; TVQA's
+  `[NaN, NaN]` means the whole video) and Perception Test's `"end_frame"` (frames 0..end_frame, which replaces the
+  window; negative: unused). The open-ended script passes neither (eval_openended.py:170-178), so open-ended sets
+  are read without them.
+- `videos/{video_name}`: a directory of JPEG frames (VLEP; eval_mcq.py:136-137), else `videos/{video_name}.*`
+  with any suffix (eval_mcq.py:139, eval_openended.py:167): .mp4, .mkv, .webm, .avi, .gif (TGIF-QA). A file named
+  exactly `video_name` is taken first. How each is read: merv_fast/eval/videos.py.
 
-The benchmark's name is its directory's name (the release's `eval_dataset`). A question type for the per-type
-accuracy comes from an optional `"question_type"` key, else, for NExT-QA, from the id's prefix (`CW_...`; `TP`
-counted as `TN`), as the release's NExT-QA breakdown does.
+The eight benchmarks differ only in what these keys hold (`BENCHMARKS` below). The benchmark's name is its
+directory's name (the release's `eval_dataset`). A question type for the per-type accuracy comes from an optional
+`"question_type"` key, else, for NExT-QA, from the id's prefix (`CW_...`; `TP` counted as `TN`), as the release's
+NExT-QA breakdown does.
 """
 
 from __future__ import annotations
@@ -33,6 +39,30 @@ VIDEOS_DIR = "videos"
 MAX_OPTIONS = 26  # option letters A..Z, each one token (the release asserts that for its tokenizer)
 
 
+@dataclass(frozen=True)
+class Benchmark:
+    """What one of the release's benchmarks puts in the layout (EVALUATION.md: Video-LLaVA's open-ended sets,
+    SeViLA's NExT-QA / VLEP / TVQA, Perception Test), as `merv-fast data synth --eval` writes it in small."""
+
+    name: str
+    task: str  # "mc" | "open"
+    media: tuple[str, ...]  # how its videos come: file suffixes (".mp4", ".gif", ...) or "frames" (JPEG folders)
+    options: int = 0  # multiple choice: options per question
+    keys: tuple[str, ...] = ()  # the optional question keys it uses beyond the required ones
+
+
+BENCHMARKS = (
+    Benchmark("MSVD-QA", "open", (".avi",)),
+    Benchmark("MSRVTT-QA", "open", (".mp4",)),
+    Benchmark("TGIF-QA", "open", (".gif",)),
+    Benchmark("ActivityNet-QA", "open", (".mp4", ".mkv", ".webm")),
+    Benchmark("NExT-QA", "mc", (".mp4",), 5),  # question type in the id's prefix (CW_..., TN_...)
+    Benchmark("VLEP", "mc", ("frames",), 2, ("time",)),
+    Benchmark("TVQA", "mc", (".mp4",), 5, ("time",)),  # some windows are [NaN, NaN]
+    Benchmark("Perception", "mc", (".mp4",), 3, ("end_frame",)),
+)
+
+
 class EvalSetError(ValueError):
     """An evaluation set that cannot be used; the message names the file, the entry and the key."""
 
@@ -49,6 +79,7 @@ class EvalItem:
     clip: tuple[float, float | None] | None = None  # (start_s, end_s); end None = to the end
     question_type: str | None = None
     record: dict | None = None  # the question and answer entries merged, as the release's prediction lines
+    end_frame: int | None = None  # frames 0..end_frame (Perception Test), in place of `clip`
 
     @property
     def key(self) -> str:
@@ -89,6 +120,15 @@ def _clip(where: str, value: Any) -> tuple[float, float | None]:
     return start, end
 
 
+def _end_frame(where: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or \
+            value != int(value):
+        raise EvalSetError(f"{where}: key 'end_frame': expected a frame number, got {value!r}")
+    return int(value) if value >= 0 else None  # the release: a negative end_frame means the window decides
+
+
 def _question_type(benchmark: str, qid: str, q: dict) -> str | None:
     if isinstance(q.get("question_type"), str):
         return q["question_type"]
@@ -105,9 +145,10 @@ def _item(benchmark: str, where: str, qid: str, q: dict, a: dict, task: str) -> 
     unsafe = is_unsafe_relative(q["video_name"])
     if unsafe or "/" in q["video_name"].replace("\\", "/"):
         raise EvalSetError(f"{where}: key 'video_name': {unsafe or 'a name inside videos/, not a path'}")
-    clip = _clip(where, q["time"]) if "time" in q else None
-    options = answer_id = None
+    clip = end_frame = options = answer_id = None
     if task == "mc":
+        clip = _clip(where, q["time"]) if "time" in q else None
+        end_frame = _end_frame(where, q.get("end_frame"))
         options = q.get("options")
         if not isinstance(options, list) or not 2 <= len(options) <= MAX_OPTIONS or \
                 not all(isinstance(o, str) for o in options):
@@ -121,7 +162,7 @@ def _item(benchmark: str, where: str, qid: str, q: dict, a: dict, task: str) -> 
                                f"0..{len(options) - 1}, got {answer_id!r}")
         options = tuple(options)
     return EvalItem(benchmark, qid, q["video_name"], q["question"], a.get("answer"), options, answer_id, clip,
-                    _question_type(benchmark, qid, q), {**q, **a})
+                    _question_type(benchmark, qid, q), {**q, **a}, end_frame)
 
 
 def load_eval_set(directory: str | Path, task: str) -> list[EvalItem]:
@@ -150,11 +191,11 @@ def load_eval_set(directory: str | Path, task: str) -> list[EvalItem]:
 
 
 def find_video(directory: str | Path, video_name: str) -> str:
-    """The video's path relative to `directory`: `videos/{video_name}` when that file exists, else the one
-    `videos/{video_name}.*`. Raises MediaError (a broken video: reported and counted, not fatal); a path that
-    resolves outside `directory` (a symlink) is refused the same way."""
+    """The video's path relative to `directory`: `videos/{video_name}` when that file or frame folder exists, else
+    the one `videos/{video_name}.*`. Raises MediaError (a broken video: reported and counted, not fatal); a path
+    that resolves outside `directory` (a symlink) is refused the same way."""
     videos = Path(directory) / VIDEOS_DIR
-    if (videos / video_name).is_file():
+    if (videos / video_name).is_file() or (videos / video_name).is_dir():
         name = video_name
     else:
         matches = sorted(p.name for p in videos.glob(f"{glob.escape(video_name)}.*") if p.is_file()) \

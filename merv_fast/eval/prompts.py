@@ -34,7 +34,12 @@ def message_for(item: EvalItem) -> str:
 
 def prompt_for(item: EvalItem, prompt_format: str) -> str:
     """The whole prompt string the release tokenises (with BOS) for this question."""
-    return build_prompt([{"from": "human", "value": message_for(item)}], prompt_format)
+    return question_prompt(message_for(item), prompt_format)
+
+
+def question_prompt(message: str, prompt_format: str) -> str:
+    """One human turn, ready for the answer (the release's `prompt_builder.add_turn` + `get_prompt()`)."""
+    return build_prompt([{"from": "human", "value": message}], prompt_format)
 
 
 def answer_letter(item: EvalItem) -> str:

@@ -22,12 +22,13 @@ from pathlib import Path
 
 import torch
 
-from merv_fast.data.decode import MediaError
+from merv_fast.data.decode import MediaError, resolve_media_path
 from merv_fast.eval import decide, inputs, prompts
 from merv_fast.eval.layout import EvalItem, find_video, load_eval_set
 from merv_fast.eval.metrics import summarize
 from merv_fast.progress import progress
 from merv_fast.eval.store import PredictionStore
+from merv_fast.eval.videos import Clip, read_clip
 
 log = logging.getLogger("merv_fast.eval")
 
@@ -37,7 +38,9 @@ class EvalSettings:
     task: str  # "mc" | "open"
     data: list[str]  # benchmark directories (release layout)
     out: str
-    weights: str | None = None
+    weights: str | None = None  # trained weights (merv_fast.pretrained.weights); their own model unless --preset
+    weights_roots: list[str] = field(default_factory=list)  # where a release model's pretrained parts are
+    hub_cache: str | None = None
     preset: str | None = None
     config: str | None = None
     overrides: dict = field(default_factory=dict)
@@ -91,7 +94,7 @@ def video_groups(items: list[EvalItem]) -> list[list[EvalItem]]:
 
 
 def clip_key(item: EvalItem) -> tuple:
-    return (item.benchmark, item.video_name, item.clip)
+    return (item.benchmark, item.video_name, item.clip, item.end_frame)
 
 
 class Answerer:
@@ -117,9 +120,10 @@ class Answerer:
                 continue
             item, directory = first[key], self.directories[key[0]]
             try:
-                relative = find_video(directory, item.video_name)
-                frames.append(inputs.load_frames(directory, relative, item.clip, self.frames,
-                                                 self.settings.decoder, self.settings.timeout_s))
+                path = resolve_media_path(directory, find_video(directory, item.video_name))
+                start, end = item.clip or (None, None)
+                frames.append(read_clip(Clip(str(path), start, end, item.end_frame), self.frames,
+                                        self.settings.decoder, self.settings.timeout_s))
             except MediaError as err:
                 log.warning("broken video %s (%s, question ids %s): %s", err.path, key[0],
                             [i.question_id for i in batch if clip_key(i) == key], err.reason)
@@ -127,7 +131,7 @@ class Answerer:
                             "video_name": i.video_name, "path": err.path, "reason": err.reason}
                            for i in batch if clip_key(i) == key]
                 continue
-            flips.append(inputs.video_flip(self.settings.seed, f"{item.benchmark}/{item.video_name}"))
+            flips.append(inputs.video_flip(self.settings.seed, path.name))
             fresh.append(key)
         if fresh:
             kept.update(zip(fresh, inputs.visual_tokens(self.model, frames, flips)))
@@ -144,7 +148,7 @@ class Answerer:
             chosen, _ = decide.letter_decisions(self.model, embeds, mask, positions, self.letter_ids,
                                                 [len(i.options) for i in batch])
             return [prompts.LETTERS[c] for c in chosen]
-        tokens = decide.greedy_generate(self.model, embeds, mask, positions, self.tokenizer.eos_token_id,
+        tokens = decide.generate_tokens(self.model, embeds, mask, positions, self.tokenizer.eos_token_id,
                                         self.settings.max_new_tokens)
         return [self.tokenizer.decode(t, skip_special_tokens=True).strip() for t in tokens]
 
@@ -165,13 +169,25 @@ class Answerer:
         return rows, broken
 
 
-def _build(settings: EvalSettings, device: torch.device):
+def model_config(settings: EvalSettings, source):
+    """The model to evaluate: the one the weights describe (pretrained/load.py), unless a preset or config file is
+    named (then strict loading checks that the weights fit it); random-init `tiny` without either."""
     from merv_fast.config import load_config
-    from merv_fast.eval.weights import build_eval_model, eval_dtype, eval_tokenizer
+    from merv_fast.pretrained.load import config_for_weights
 
-    cfg = load_config(settings.preset or "tiny", settings.config, settings.overrides)
-    torch.manual_seed(settings.seed)  # as the trainer: weights not in the files (random-init encoders) match its own
-    model, _ = build_eval_model(cfg, settings.weights, device, eval_dtype(device, settings.dtype))
+    if source is not None and settings.preset is None and settings.config is None:
+        cfg = config_for_weights(source, settings.overrides, settings.weights_roots, settings.hub_cache)
+        if cfg is not None:
+            return cfg
+    return load_config(settings.preset or "tiny", settings.config, settings.overrides)
+
+
+def _build(settings: EvalSettings, cfg, source, device: torch.device):
+    from merv_fast.pretrained.weights import build_eval_model, eval_dtype, eval_tokenizer
+
+    # as the trainer: weights not in the files (random-init test encoders) match its own
+    torch.manual_seed(source.seed if source is not None and source.seed is not None else settings.seed)
+    model, _ = build_eval_model(cfg, source, device, eval_dtype(device, settings.dtype))
     return model, eval_tokenizer(cfg)
 
 
@@ -196,14 +212,22 @@ def run_eval(settings: EvalSettings, model=None, tokenizer=None) -> dict | None:
     device = next(model.parameters()).device if model is not None else None
     info = init_distributed(str(device) if device is not None else settings.device)
     store = PredictionStore(settings.out, info.rank)
+    source = cfg = None
+    if model is None:
+        from merv_fast.pretrained.weights import describe_weights
+
+        source = describe_weights(settings.weights) if settings.weights is not None else None
+        cfg = model_config(settings, source)
     run = {"task": settings.task, "mode": settings.mode, "weights": settings.weights,
+           "weights_read": source.record() if source is not None else None,
+           "model": (cfg or model.config).name,
            "max_new_tokens": settings.max_new_tokens if settings.mode == "generate" else None}
     if info.is_main:
         store.check_run(run)
     barrier()
     store.check_run(run)
     if model is None:
-        model, tokenizer = _build(settings, info.device)
+        model, tokenizer = _build(settings, cfg, source, info.device)
     answered = store.answered()
     store.start()
     todo = [i for group in video_groups(items)[info.rank::info.world_size] for i in group if i.key not in answered]

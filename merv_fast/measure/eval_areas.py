@@ -7,7 +7,9 @@ evaluation sets (merv_fast.eval.synth). The model is random (merv-1b in bf16 on 
 answer as a trained one does, an option letter and then EOS (merv_fast.eval.answering): generation then stops
 after two tokens, as the release's does on a trained model, which is the comparison least favourable to the
 letter scoring (a model that rambles costs generation up to 512 steps). The row also records how often the two
-decisions agree. The open-ended rows use the unbiased random model (32 new tokens per answer).
+decisions agree. The open-ended rows use the unbiased random model (32 new tokens per answer), and so does the
+`generate` row: `VideoLM.generate` (what `merv_fast.load_pretrained(...).generate` and `merv-fast ask` run) asking one
+video 16 questions, tokens/s batched vs one question at a time.
 `bench/bench_eval.py` runs the same comparison under pytest-benchmark.
 """
 
@@ -24,6 +26,11 @@ from merv_fast.measure.suite import register_area
 from merv_fast.measure.timing import measure, summarize
 
 FULL = torch.cuda.is_available()
+# `VideoLM.generate`: one video asked 16 questions, 16 new tokens each (the unbiased random model rarely stops early)
+ASK_QUESTIONS = [q.format(m=m) for m in ("video", "clip", "scene", "film") for q in
+                 ("What happens in this {m}?", "Describe the {m} in detail.", "Is the camera moving in the {m}?",
+                  "Summarise the {m} in one sentence.")]
+ASK_TOKENS = 16
 
 
 def answering_model(preset: str, device: torch.device, answering: bool = True):
@@ -31,7 +38,7 @@ def answering_model(preset: str, device: torch.device, answering: bool = True):
     EOS (else it generates arbitrary tokens up to the limit, as open-ended answers run long)."""
     from merv_fast.config import get_preset
     from merv_fast.eval.answering import bias_toward_letters
-    from merv_fast.eval.weights import build_eval_model, eval_dtype, eval_tokenizer
+    from merv_fast.pretrained.weights import build_eval_model, eval_dtype, eval_tokenizer
 
     torch.manual_seed(0)
     cfg = get_preset(preset)
@@ -124,6 +131,31 @@ def eval_area(results: ResultsFile, ceilings: dict) -> None:
                 "questions_per_s_batch1": round(len(items) / (ref.median_ms / 1e3), 3)},
             ours, ref, reference_name="greedy generation at batch size 1 (the release's)",
             samples_per_s=len(items) / (ours.median_ms / 1e3)))
+
+        video = next((Path(opened[0]) / "videos").iterdir())
+        generate_area(results, model, tokenizer, str(video), batch, iters, preset, dtype)
+
+
+def generate_area(results: ResultsFile, model, tokenizer, video: str, batch: int, iters: int, preset: str,
+                  dtype: str) -> None:
+    """`VideoLM.generate` end to end (decode, visual tokens once, prompts, generation): tokens/s batched vs one
+    question at a time."""
+    from merv_fast.eval.videolm import VideoLM
+
+    lm = VideoLM(model, tokenizer)
+    timings, tokens = {}, {}
+    for size in (batch, 1):
+        timings[size] = measure(lambda size=size: lm.generate(video, ASK_QUESTIONS, max_new_tokens=ASK_TOKENS,
+                                                              batch_size=size), warmup=1, iters=iters)
+        tokens[size] = lm.last_new_tokens
+    results.append(row(
+        "eval", f"generate {preset}: VideoLM.generate batched vs batch size 1", {
+            "preset": preset, "questions": len(ASK_QUESTIONS), "videos": 1, "batch_size": batch,
+            "max_new_tokens": ASK_TOKENS, "dtype": dtype, "new_tokens": tokens[batch],
+            "tokens_per_s_batch1": round(tokens[1] / (timings[1].median_ms / 1e3), 2),
+            "scope": "whole call: decode, visual tokens once, prompts, generation"},
+        timings[batch], timings[1], reference_name="the same call with batch_size=1",
+        tokens_per_s=tokens[batch] / (timings[batch].median_ms / 1e3)))
 
 
 register_area("eval", eval_area, budget_s=300)

@@ -169,15 +169,15 @@ def check_bos(tokenizer, cfg: LLMConfig, source: str) -> None:
 
 
 def build_tokenizer(cfg: LLMConfig):
-    """The tokenizer from `cfg.weights` (a local directory), with the pad token set; None without weights.
-
-    Right padding and `model_max_length = cfg.max_text_tokens`, as the release.
-    """
-    if cfg.weights is None:
+    """The tokenizer from `cfg.tokenizer` or else `cfg.weights` (a local directory), with the pad token set; None
+    without either. Right padding and `model_max_length = cfg.max_text_tokens`, as the release."""
+    if cfg.tokenizer is None and cfg.weights is None:
         return None
     from transformers import AutoTokenizer
 
-    directory = _check_weights_dir(cfg.weights)
+    directory = Path(cfg.tokenizer) if cfg.tokenizer is not None else _check_weights_dir(cfg.weights)
+    if not directory.is_dir():
+        raise ValueError(f"tokenizer directory {str(directory)!r} does not exist")
     tokenizer = AutoTokenizer.from_pretrained(str(directory), local_files_only=True,
                                               model_max_length=cfg.max_text_tokens, padding_side="right")
     set_pad_token(tokenizer, cfg, f"tokenizer in {str(directory)!r}")
@@ -189,8 +189,8 @@ def build_tokenizer(cfg: LLMConfig):
 
 
 def training_tokenizer(cfg: LLMConfig):
-    """The tokenizer training and evaluation use: `cfg.weights`'s, or for a random-init LLM (the test presets) the
-    in-process tiny tokenizer of the backbone's family, with the same pad and BOS handling."""
+    """The tokenizer training and evaluation use: `cfg.tokenizer`'s or `cfg.weights`'s, or for a random-init LLM (the
+    test presets) the in-process tiny tokenizer of the backbone's family, with the same pad and BOS handling."""
     tokenizer = build_tokenizer(cfg)
     if tokenizer is None:
         from merv_fast.testing import tiny_tokenizer_for

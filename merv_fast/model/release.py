@@ -18,13 +18,14 @@ from typing import Any
 import torch
 
 from merv_fast.arch import ArchSpec, parse_arch
+from merv_fast.model.strict import WeightsMismatchError, check_weights
 
 FUSION_GROUP_ALIASES = ("feature_fusion", "adapter")
 _LAST_LINEAR = {"linear": "", "gelu-mlp": ".2", "fused-gelu-mlp": ".4"}  # the last Linear in the release's MLP
 
 
-class ReleaseCheckpointError(ValueError):
-    """A release checkpoint that does not fit the model: names the file and the key."""
+class ReleaseCheckpointError(WeightsMismatchError):
+    """A release checkpoint that cannot be read or does not fit the model: names the file and the key."""
 
 
 def flatten_release(tree: dict[str, Any], prefix: str = "") -> dict[str, torch.Tensor]:
@@ -111,29 +112,21 @@ def nest_release(flat: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Ten
     return nested
 
 
-def load_release_state_dict(model, state_dict: dict[str, Any], source: str = "<state dict>") -> None:
-    """Load a release checkpoint (nested or flat) into `model`. Every expected key must be present with its exact
-    shape; any key we do not recognise is an error: nothing is silently dropped or left at random init."""
-    flat = flatten_release(state_dict)
+def load_release_state_dict(model, state_dict: dict[str, Any], source: str = "<state dict>",
+                            trained_as: str | None = None) -> None:
+    """Load a release checkpoint (nested or flat) into `model`. The file must hold exactly the keys the model expects
+    (its names follow the model's `visual.arch` and `visual.fusion`), with their shapes (merv_fast.model.strict):
+    nothing is silently dropped or left at random init. `trained_as` (the preset or release model id the file comes
+    with, when known) is named in the error."""
+    flat = {release_spelling(k): v for k, v in flatten_release(state_dict).items()}
     ours = model.state_dict()
-    names = release_names(model)
+    expected = {theirs: tuple(ours[name].shape) for name, theirs in release_names(model).items()}
+    where = (f"{source} (model visual.arch={model.config.visual.arch!r}, "
+             f"visual.fusion={model.config.visual.fusion!r})")
+    check_weights(expected, {k: tuple(v.shape) for k, v in flat.items()}, where, model.config.name, trained_as,
+                  error=ReleaseCheckpointError)
     by_release = release_to_ours(model)
-    mapped: dict[str, torch.Tensor] = {}
-    for key, value in flat.items():
-        name = by_release.get(release_spelling(key))
-        if name is None:
-            raise ReleaseCheckpointError(f"{source}: key {key!r} has no place in model {model.config.name!r} "
-                                         f"(visual.arch={model.config.visual.arch!r}, "
-                                         f"visual.fusion={model.config.visual.fusion!r})")
-        if tuple(value.shape) != tuple(ours[name].shape):
-            raise ReleaseCheckpointError(f"{source}: key {key!r} has shape {tuple(value.shape)}, "
-                                         f"model {model.config.name!r} expects {tuple(ours[name].shape)} for {name!r}")
-        mapped[name] = value
-    missing = sorted(set(names) - set(mapped))
-    if missing:
-        shown = ", ".join(f"{names[n]!r} (ours {n!r})" for n in missing[:5])
-        raise ReleaseCheckpointError(f"{source}: {len(missing)} key(s) missing, e.g. {shown}")
-    model.load_state_dict(mapped, strict=False)
+    model.load_state_dict({by_release[k]: v for k, v in flat.items()}, strict=False)  # every key checked above
 
 
 def read_release_checkpoint(path: str | Path) -> dict[str, Any]:
@@ -151,11 +144,11 @@ def read_release_checkpoint(path: str | Path) -> dict[str, Any]:
     return payload
 
 
-def load_release_checkpoint(model, path: str | Path) -> dict[str, Any]:
-    """Read a release training checkpoint into `model`. Returns the file's other entries (optimizer, lr_scheduler,
-    step) untouched."""
+def load_release_checkpoint(model, path: str | Path, trained_as: str | None = None) -> dict[str, Any]:
+    """Read a release training checkpoint into `model`, strictly. Returns the file's other entries (optimizer,
+    lr_scheduler, step) untouched."""
     payload = read_release_checkpoint(path)
-    load_release_state_dict(model, payload, source=str(path))
+    load_release_state_dict(model, payload, source=str(path), trained_as=trained_as)
     return {k: v for k, v in payload.items() if k != "model"}
 
 

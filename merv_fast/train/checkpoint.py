@@ -249,6 +249,13 @@ def _writer(path: Path):
 
 
 # ----------------------------------------------------------------------------------------------- the checkpointer
+def _model_config(state: TrainStateLike) -> dict | None:
+    """The MERV config of the model being checkpointed (`state.model`: the MERV or the TrainModule over it)."""
+    model = getattr(state, "model", None)
+    cfg = getattr(getattr(model, "merv", model), "config", None)
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else None
+
+
 def step_dir_name(step: int) -> str:
     return f"step-{int(step):08d}"
 
@@ -523,6 +530,9 @@ class Checkpointer:
                     "optimizer_state": with_optimizer,
                     "optimizer_hparams": _jsonable(optim_other, "the optimizer's param groups"),
                     "torch": torch.__version__,
+                    # what the weights are, so that `--weights` rebuilds the model from the checkpoint alone
+                    "model_config": _model_config(state),
+                    "seed": (getattr(state, "config", None) or {}).get("seed"),
                 }
                 (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
 
@@ -807,11 +817,12 @@ def export_release(model: torch.nn.Module, path: str | os.PathLike, **extra: Any
 
 
 def export_safetensors(model: torch.nn.Module, path: str | os.PathLike,
-                       exclude: tuple[str, ...] = DEFAULT_EXCLUDE) -> Path | None:
+                       exclude: tuple[str, ...] = DEFAULT_EXCLUDE, seed: int | None = None) -> Path | None:
     """Our own layout: one safetensors file of the model's weights outside `exclude` (default: all but the frozen
     encoders) under our parameter names (e.g. `llm.model.layers.0.self_attn.q_proj.weight`,
-    `visual.projectors.0.weight`), with the preset name in the metadata. Every rank calls it; rank 0 writes
-    (atomically)."""
+    `visual.projectors.0.weight`), with the preset name, the whole model config (JSON) and the training `seed` in
+    the metadata, so that the file alone rebuilds its model (merv_fast.pretrained). Every rank calls it; rank 0
+    writes (atomically)."""
     from safetensors.torch import save_file
 
     sd = full_state_dict(model, exclude)
@@ -819,22 +830,48 @@ def export_safetensors(model: torch.nn.Module, path: str | os.PathLike,
     if _rank() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        cfg = getattr(model, "config", None)
+        cfg = _FullView(model, sd).config
         meta = {"format": "merv_fast", "preset": str(getattr(cfg, "name", ""))}
+        if hasattr(cfg, "to_dict"):
+            meta["model_config"] = json.dumps(cfg.to_dict())
+        if seed is not None:
+            meta["seed"] = str(int(seed))
         save_file({k: v.contiguous().clone() for k, v in sd.items()}, str(tmp), metadata=meta)
         os.replace(tmp, path)
     _barrier()
     return path if _rank() == 0 else None
 
 
+def export_release_run(model: torch.nn.Module, directory: str | os.PathLike, seed: int | None = None,
+                       **extra: Any) -> Path | None:
+    """A release run directory, as the release's `load_vid` reads one: `config.json` (its `model` section from
+    model/release_models.py, and our exact model config and seed under `merv_fast`) and
+    `checkpoints/latest-checkpoint.pt` (`export_release`). Every rank calls it; rank 0 writes. Returns the
+    directory on rank 0."""
+    from merv_fast.model.release_models import release_section
+
+    directory = Path(directory)
+    written = export_release(model, directory / "checkpoints" / "latest-checkpoint.pt", **extra)
+    if written is None:
+        return None
+    cfg = _FullView(model, {}).config
+    config = {"model": release_section(cfg),
+              "merv_fast": {"preset": cfg.name, "model_config": cfg.to_dict(), "seed": seed}}
+    _write_text_atomic(directory / "config.json", json.dumps(config, indent=1) + "\n")
+    return directory
+
+
 def load_safetensors(model: torch.nn.Module, path: str | os.PathLike,
-                     exclude: tuple[str, ...] = DEFAULT_EXCLUDE) -> None:
-    """Load an `export_safetensors` file into an unsharded model: every weight outside `exclude` must be there."""
+                     exclude: tuple[str, ...] = DEFAULT_EXCLUDE, trained_as: str | None = None) -> None:
+    """Load an `export_safetensors` file into an unsharded model: it must hold exactly the model's weights outside
+    `exclude`, with their shapes (merv_fast.model.strict; `trained_as` is named in the error)."""
     from safetensors.torch import load_file
 
+    from merv_fast.model.strict import check_weights
+
     sd = load_file(str(path))
-    expected = {n for n in model.state_dict() if not n.startswith(exclude)}
-    missing, unknown = sorted(expected - set(sd)), sorted(set(sd) - expected)
-    if missing or unknown:
-        raise CheckpointError(f"{path}: missing {missing[:3]}, unexpected {unknown[:3]}")
-    model.load_state_dict(sd, strict=False)
+    ours = model.state_dict()
+    expected = {n: tuple(t.shape) for n, t in ours.items() if not n.startswith(exclude)}
+    check_weights(expected, {k: tuple(v.shape) for k, v in sd.items()}, str(path),
+                  getattr(getattr(model, "config", None), "name", "?"), trained_as)
+    model.load_state_dict(sd, strict=False)  # the excluded (encoder) weights stay; every other key was checked

@@ -16,7 +16,6 @@ epoch's start, so that a run stopped after any step and resumed equals the unint
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 import sys
@@ -215,20 +214,22 @@ class MetricsWriter:
 
 
 # ------------------------------------------------------------------------------------------------ the loop
-EXPORT_FILES = {"safetensors": ("model.safetensors",), "release": ("release_checkpoint.pt",),
-                "both": ("model.safetensors", "release_checkpoint.pt"), "none": ()}
-
-
-def export_weights(model, out: Path, export: str) -> dict[str, str]:
+# what a finished run's `export` setting leaves in the run directory (export_weights)
+EXPORT_FILES = {"safetensors": ("model.safetensors",),
+                "release": ("release/config.json", "release/checkpoints/latest-checkpoint.pt"),
+                "both": ("model.safetensors", "release/config.json", "release/checkpoints/latest-checkpoint.pt"),
+                "none": ()}
+def export_weights(model, out: Path, export: str, seed: int | None = None) -> dict[str, str]:
     """The trained weights (all but the frozen encoders), gathered from the shards: `model.safetensors` (ours, what
-    `merv-fast eval --weights` reads) and/or `release_checkpoint.pt` (the release's layout). Every rank calls it."""
-    from merv_fast.train.checkpoint import export_release, export_safetensors
+    `merv-fast eval --weights` reads) and/or `release/` (a release run directory: config.json and
+    checkpoints/latest-checkpoint.pt, what the release's `load_vid` reads). Every rank calls it."""
+    from merv_fast.train.checkpoint import export_release_run, export_safetensors
 
     written = {}
-    if "model.safetensors" in EXPORT_FILES[export]:
-        written["safetensors"] = export_safetensors(model, out / "model.safetensors")
-    if "release_checkpoint.pt" in EXPORT_FILES[export]:
-        written["release"] = export_release(model, out / "release_checkpoint.pt")
+    if export in ("safetensors", "both"):
+        written["safetensors"] = export_safetensors(model, out / "model.safetensors", seed=seed)
+    if export in ("release", "both"):
+        written["release"] = export_release_run(model, out / "release", seed=seed)
     return {k: str(v) for k, v in written.items() if v is not None}
 
 
@@ -324,8 +325,8 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer, signals) -> d
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)  # the same initial weights on every rank (FSDP shards them from there)
     model = build_model(config=model_cfg, device=device)
-    if cfg.init_from:  # all trained weights, or only the projectors (the release's finetune after align)
-        load_initial_weights(model, cfg.init_from, cfg.stage)
+    # all trained weights, or only the projectors (the release's finetune after align); the run records what it read
+    weights_read = {"init_from": load_initial_weights(model, cfg.init_from, cfg.stage) if cfg.init_from else None}
     freeze_for_stage(model, cfg.stage)  # align: the LLM too
     apply_activation_checkpointing(model.llm, cfg.activation_checkpointing)
     module = TrainModule(model, pack_budget=cfg.pack_budget if cfg.packing else None)
@@ -345,6 +346,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer, signals) -> d
                        config=cfg.to_dict())
     if resume_from is not None:
         checkpointer.load(state, resume_from)
+        weights_read["resumed_from"] = str(resume_from)
 
     timer = PhaseTimer(device)
     stepper = Stepper(module, optimizer, scheduler, device=device, loss_norm=cfg.loss_norm, grad_clip=cfg.grad_clip,
@@ -440,7 +442,7 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer, signals) -> d
         if steps_run:
             checkpointer.save_final(state)
         if not stop_requested:  # a preempted run resumes from its checkpoint; a finished one hands its weights on
-            exported = export_weights(model, out, cfg.export)
+            exported = export_weights(model, out, cfg.export, seed=cfg.seed)
     finally:
         metrics.close()
     wall = time.perf_counter() - t_start
@@ -449,7 +451,8 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer, signals) -> d
                "micro_batches_per_step": k, "micro_batch_size": micro, "world_size": info.world_size, "rank": info.rank,
                "final_loss": losses[-1] if losses else None, "losses": losses, "skipped_steps": skipped,
                "wall_s": wall, "bad_samples": summarize_bad_samples(bad_all), "data": data_json,
-               "config": cfg.to_dict(), "model": model_cfg.name, "stage": cfg.stage.release, "exported": exported}
+               "config": cfg.to_dict(), "model": model_cfg.name, "stage": cfg.stage.release, "exported": exported,
+               "weights_read": weights_read}
     if info.is_main:
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
     return summary

@@ -34,28 +34,31 @@ def apply_recipe(model, recipe: str) -> str:
     return stage.release
 
 
-def load_initial_weights(model, path: str | Path, stage: Stage) -> Path:
-    """Load `init_from` as `stage` does (every trained weight, or only the projectors); returns the file read."""
-    from merv_fast.eval.weights import load_weights
+def load_initial_weights(model, path: str | Path, stage: Stage) -> dict:
+    """Load `init_from` as `stage` does (every trained weight, strictly, or only the projectors); returns the record
+    of what was read (run records keep it)."""
+    from merv_fast.pretrained.weights import load_weights
 
     if stage.init_loads == "all":
-        return load_weights(model, path)
-    return load_projectors(model, path)
+        return load_weights(model, path).record()
+    return load_projectors(model, path).record()
 
 
-def load_projectors(model, path: str | Path) -> Path:
+def load_projectors(model, path: str | Path):
     """Only the projectors of a training run (its checkpoint directory), our safetensors export or a release
-    checkpoint (its `projectors` group); every projector weight must be there with its shape."""
-    from merv_fast.eval.weights import load_training_checkpoint, resolve_weights
+    checkpoint (its `projectors` group); every projector weight must be there with its shape. Returns the
+    WeightsSource read."""
     from merv_fast.model.release import ReleaseCheckpointError, flatten_release, read_release_checkpoint, \
         release_spelling, release_to_ours
+    from merv_fast.pretrained.weights import describe_weights, load_training_checkpoint
 
-    path = resolve_weights(path)
+    source = describe_weights(path)
+    path = source.path
     expected = {n: t for n, t in model.state_dict().items() if n.startswith(PROJECTORS)}
-    if path.is_dir():
-        load_training_checkpoint(model, path, prefix=PROJECTORS)
-        return path
-    if path.suffix == ".safetensors":
+    if source.kind == "training checkpoint":
+        load_training_checkpoint(model, path, source.trained_as, prefix=PROJECTORS)
+        return source
+    if source.kind == "safetensors":
         from safetensors.torch import load_file
 
         found = {k: v for k, v in load_file(str(path)).items() if k.startswith(PROJECTORS)}
@@ -81,4 +84,4 @@ def load_projectors(model, path: str | Path) -> Path:
                              f"{model.config.name!r} expects {tuple(expected[name].shape)}")
     with torch.no_grad():
         model.load_state_dict(found, strict=False)
-    return path
+    return source

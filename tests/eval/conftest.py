@@ -32,7 +32,7 @@ def answering(eval_sets):
 def rambling():
     """(model, tokenizer): tiny at random init, unbiased: it generates arbitrary tokens (open-ended tests)."""
     from merv_fast.config import get_preset
-    from merv_fast.eval.weights import build_eval_model, eval_tokenizer
+    from merv_fast.pretrained.weights import build_eval_model, eval_tokenizer
 
     torch.manual_seed(1)
     cfg = get_preset("tiny")

@@ -84,7 +84,7 @@ def test_generation_stops_at_eos_per_row(answering):
     model, tokenizer = answering
     ids = inputs.tokenize_prompts(tokenizer, ["In: Why?\nOut:", "In: Where are they?\nOut:"], 256, has_bos=True)
     visual = torch.zeros(2, model.num_visual_tokens, model.llm.config.hidden_size)
-    tokens = decide.greedy_generate(model, *inputs.left_padded_inputs(model, ids, visual, tokenizer.pad_token_id),
+    tokens = decide.generate_tokens(model, *inputs.left_padded_inputs(model, ids, visual, tokenizer.pad_token_id),
                                     eos_id=tokenizer.eos_token_id, max_new_tokens=50)
     letter_ids = decide.letter_token_ids(tokenizer, 3)
     assert all(len(t) == 2 and t[0] in letter_ids and t[1] == tokenizer.eos_token_id for t in tokens)

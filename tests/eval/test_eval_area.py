@@ -15,3 +15,6 @@ def test_eval_area_writes_rows(tmp_path):
     assert mc["reference"]["name"].startswith("release: greedy generation at batch size 1")
     assert rows["mc end to end tiny: merv-fast eval vs --generate --batch-size 1"]["speedup"] > 0
     assert rows["open-ended generation tiny: batched vs batch size 1"]["speedup"] > 0
+    generate = rows["generate tiny: VideoLM.generate batched vs batch size 1"]
+    assert generate["tokens_per_s"] > 0 and generate["config"]["tokens_per_s_batch1"] > 0
+    assert 0 < generate["config"]["new_tokens"] <= 16 * 16

@@ -7,21 +7,23 @@ import torch
 from merv_fast.cli import main
 from merv_fast.config import get_preset
 from merv_fast.data.decode import decode_video
+from merv_fast.eval.layout import BENCHMARKS
 from merv_fast.eval.runner import EvalSettings, run_eval
-from merv_fast.eval.weights import build_eval_model, eval_tokenizer
+from merv_fast.pretrained.weights import build_eval_model, eval_tokenizer
 from merv_fast.train.checkpoint import export_safetensors, load_safetensors
 
 
 def test_synth_eval_is_deterministic(tmp_path):
     for name in ("a", "b"):
         assert main(["data", "synth", "--eval", str(tmp_path / name), "--eval-videos", "2", "--seed", "3"]) == 0
-    for benchmark in ("mcq", "NExT-QA-synth", "openended"):
+    benchmarks = ["mcq", "NExT-QA-synth", "openended"] + [f"layouts/{b.name}" for b in BENCHMARKS]
+    for benchmark in benchmarks:
         a, b = tmp_path / "a" / benchmark, tmp_path / "b" / benchmark
         files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-        assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
+        assert files and files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file())
         for f in files:  # the same JSON, the same pixels (a container may stamp its own metadata)
-            if f.suffix == ".json":
-                assert (a / f).read_text() == (b / f).read_text()
+            if f.suffix in (".json", ".jpg", ".gif"):
+                assert (a / f).read_bytes() == (b / f).read_bytes()
             else:
                 assert torch.equal(decode_video(a / f, [0, 5]), decode_video(b / f, [0, 5]))
     questions = json.loads((tmp_path / "a" / "mcq" / "test_q.json").read_text())
@@ -65,7 +67,7 @@ def test_eval_cli_reads_exported_weights(tmp_path, capsys):
 def test_weights_from_a_training_run_directory(tmp_path):
     from types import SimpleNamespace
 
-    from merv_fast.eval.weights import load_weights
+    from merv_fast.pretrained.weights import load_weights
     from merv_fast.train.checkpoint import Checkpointer
     from merv_fast.train.parallel import TrainModule
 
@@ -79,7 +81,7 @@ def test_weights_from_a_training_run_directory(tmp_path):
                             scheduler=None, sampler=None)
     Checkpointer(tmp_path / "run").save(state)
     fresh, _ = build_eval_model(cfg, None, torch.device("cpu"), torch.float32)
-    assert load_weights(fresh, tmp_path / "run") == tmp_path / "run" / "step-00000004"
+    assert load_weights(fresh, tmp_path / "run").path == tmp_path / "run" / "step-00000004"
     for (name, a), b in zip(trained.state_dict().items(), fresh.state_dict().values()):
         if not name.startswith("encoders."):
             assert torch.equal(a, b), name

@@ -8,8 +8,8 @@ import torch
 
 from merv_fast.data.decode import MediaError, decode_video, probe_video
 from merv_fast.data.frames import sample_frame_indices
-from merv_fast.eval.inputs import load_frames
 from merv_fast.eval.layout import EvalSetError, find_video, load_eval_set
+from merv_fast.eval.videos import Clip, read_clip
 from merv_fast.eval.prompts import mc_message, prompt_for, release_choice, release_correct
 
 GOOD_Q = {"video_name": "v", "num_option": 3, "question_id": "q0", "options": ["x", "y", "z"], "question": "Why?"}
@@ -32,6 +32,8 @@ def write_set(root, questions, answers):
     ({"question": ""}, {}, "key 'question'"),
     ({"time": [5, 2]}, {}, "key 'time'"),
     ({"question_id": True}, {}, "entry 0: key 'question_id'"),
+    ({"end_frame": "595"}, {}, "key 'end_frame': expected a frame number"),
+    ({"end_frame": 1.5}, {}, "key 'end_frame'"),
 ])
 def test_bad_entries_are_named(tmp_path, change, answer_change, message):
     root = write_set(tmp_path / "bench", [{**GOOD_Q, **change}], [{**GOOD_A, **answer_change}])
@@ -53,6 +55,16 @@ def test_missing_answer_duplicate_id_and_missing_files(tmp_path):
                                                                                    ("x", "y", "z"), 1)
 
 
+def test_window_keys_are_read_as_each_release_script_reads_them(tmp_path):
+    """eval_mcq.py passes `time` and `end_frame` (a negative one means unused); eval_openended.py passes neither."""
+    q = {**GOOD_Q, "time": [1, 3], "end_frame": 595}
+    mc = load_eval_set(write_set(tmp_path / "mc", [q, {**q, "question_id": "q1", "end_frame": -1}],
+                                 [GOOD_A, {**GOOD_A, "question_id": "q1"}]), "mc")
+    assert [(i.clip, i.end_frame) for i in mc] == [((1.0, 3.0), 595), ((1.0, 3.0), None)]
+    opened = load_eval_set(write_set(tmp_path / "open", [q], [{"question_id": "q0", "answer": "y"}]), "open")[0]
+    assert (opened.clip, opened.end_frame) == (None, None) and opened.record["end_frame"] == 595  # kept for the line
+
+
 def test_videos_are_found_by_name_inside_the_set(tmp_path):
     root = write_set(tmp_path / "bench", [GOOD_Q], [GOOD_A])
     (root / "videos").mkdir()
@@ -65,6 +77,9 @@ def test_videos_are_found_by_name_inside_the_set(tmp_path):
         find_video(root, "v")
     (root / "videos" / "exact.mkv").write_bytes(b"x")  # VLEP's names carry their suffix
     assert find_video(root, "exact.mkv") == "videos/exact.mkv"
+    (root / "videos" / "frames").mkdir()  # a frame folder, taken before any `frames.*` file (eval_mcq.py:136)
+    (root / "videos" / "frames.mp4").write_bytes(b"x")
+    assert find_video(root, "frames") == "videos/frames"
     outside = tmp_path / "outside.mp4"
     outside.write_bytes(b"x")
     (root / "videos" / "link.mp4").symlink_to(outside)
@@ -79,7 +94,7 @@ def test_clip_window_picks_the_spec_frames(eval_sets):
     info = probe_video(f"{root}/{relative}")
     expected = sample_frame_indices(info.num_frames, info.fps, 16, *item.clip)
     assert expected != sample_frame_indices(info.num_frames, info.fps, 16)
-    frames = load_frames(root, relative, item.clip, 16)
+    frames = read_clip(Clip(f"{root}/{relative}", *item.clip), 16)
     assert torch.equal(frames, decode_video(f"{root}/{relative}", expected))
 
 

@@ -66,11 +66,12 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 
 
 def test_finished_run_exports_weights_that_equal_its_last_checkpoint(tmp_path, monkeypatch):
-    """export=both: `model.safetensors` and the release-layout file hold the weights of the run's final checkpoint."""
+    """export=both: `model.safetensors` and the release run directory hold the weights of the run's final
+    checkpoint."""
     import torch
 
-    from merv_fast.eval.weights import load_weights
     from merv_fast.model.merv import build_model
+    from merv_fast.pretrained.weights import load_weights
 
     monkeypatch.setenv("MERV_FAST_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "run"
@@ -86,7 +87,9 @@ def test_finished_run_exports_weights_that_equal_its_last_checkpoint(tmp_path, m
         return {k: v for k, v in model.state_dict().items() if not k.startswith("encoders.")}
 
     from_checkpoint = trained(out)  # the run directory: its newest DCP checkpoint
-    for exported in (out / "model.safetensors", out / "release_checkpoint.pt"):
+    release_file = out / "release" / "checkpoints" / "latest-checkpoint.pt"
+    assert (out / "release" / "config.json").is_file() and release_file.is_file()
+    for exported in (out / "model.safetensors", out / "release", release_file):
         weights = trained(exported)
         assert weights.keys() == from_checkpoint.keys()
         different = [k for k in weights if not torch.equal(weights[k], from_checkpoint[k])]
@@ -98,7 +101,8 @@ def test_finished_run_exports_weights_that_equal_its_last_checkpoint(tmp_path, m
 
 
 def test_init_from_starts_from_the_given_weights(tmp_path, monkeypatch):
-    """--init-from a release-layout export: a run with lr 0 changes nothing, so it exports exactly those weights."""
+    """--init-from a release-layout export: a run with lr 0 changes nothing, so it exports exactly those weights; the
+    run records what it read."""
     import torch
     from safetensors.torch import load_file
 
@@ -106,8 +110,11 @@ def test_init_from_starts_from_the_given_weights(tmp_path, monkeypatch):
     common = ["train", "--preset", "tiny", "--max-steps", "1", "--set", "num_workers=0", "--set", "kernels=torch"]
     first, second = tmp_path / "first", tmp_path / "second"
     assert main(common + ["--out", str(first), "--seed", "1", "--set", "export=both"]) == 0
-    assert main(common + ["--out", str(second), "--seed", "2", "--init-from", str(first / "release_checkpoint.pt"),
+    assert main(common + ["--out", str(second), "--seed", "2", "--init-from", str(first / "release"),
                           "--set", "lr=0.0", "--set", "weight_decay=0.0"]) == 0
+    read = json.loads((second / "summary.json").read_text())["weights_read"]["init_from"]
+    assert read["path"] == str((first / "release" / "checkpoints" / "latest-checkpoint.pt").resolve())
+    assert read["kind"] == "release checkpoint" and read["trained_as"] == "tiny"
     given, kept = load_file(str(first / "model.safetensors")), load_file(str(second / "model.safetensors"))
     assert given.keys() == kept.keys()
     assert all(torch.equal(given[k], kept[k]) for k in given)
