@@ -101,7 +101,7 @@ class VideoLM:
     @torch.no_grad()
     def visual_tokens(self, clips: Sequence[Clip]) -> torch.Tensor:
         """[N, V, D]: the visual tokens of each clip, in one batch. Raises MediaError for a video it cannot read."""
-        frames = [read_clip(c, self.model.config.visual.frames_sampled, self.decoder, self.timeout_s) for c in clips]
+        frames = [read_clip(c, self.model.config.frames_sampled, self.decoder, self.timeout_s) for c in clips]
         flips = [inputs.video_flip(self.seed, Path(c.path).name) for c in clips]
         return inputs.visual_tokens(self.model, frames, flips)
 
