@@ -116,14 +116,10 @@ def cmd_eval(args) -> int:
 
 def cmd_train(args) -> int:
     from merv_fast.config import load_config, parse_cli_overrides
-    from merv_fast.train.config import TrainConfig, make_train_config
+    from merv_fast.train.config import make_train_config, split_overrides
     from merv_fast.train.loop import train
 
-    # --set keys that are training settings go to the TrainConfig; the rest are model-config overrides.
-    overrides = parse_cli_overrides(args.overrides)
-    train_keys = set(TrainConfig.__dataclass_fields__) - {"explicit"}
-    train_over = {k: v for k, v in overrides.items() if k.replace("-", "_") in train_keys}
-    model_over = {k: v for k, v in overrides.items() if k not in train_over}
+    train_over, model_over = split_overrides(parse_cli_overrides(args.overrides))
     model_cfg = load_config(args.preset or "tiny", args.model_config, model_over)
     cfg = make_train_config(args.recipe, args.config, train_over, preset=model_cfg.name, data=args.data,
                             media_root=args.media_root, out=args.out, seed=args.seed, max_steps=args.max_steps,

@@ -120,6 +120,12 @@ def _coerce(key: str, value: Any) -> Any:
     return value
 
 
+def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`--set` keys of `merv-fast train` / `plan`: (training settings for the TrainConfig, model-config overrides)."""
+    train = {k: v for k, v in overrides.items() if k.replace("-", "_") in _FIELDS}
+    return train, {k: v for k, v in overrides.items() if k not in train}
+
+
 def make_train_config(recipe: str = "merv-frozen", config_file: str | Path | None = None,
                       overrides: dict[str, Any] | list[str] | None = None, preset: str | None = None,
                       **kwargs: Any) -> TrainConfig:

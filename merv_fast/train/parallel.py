@@ -166,6 +166,12 @@ def decoder_layers(llm: nn.Module) -> nn.ModuleList:
     return llm.model.layers
 
 
+def fsdp_units(module: TrainModule) -> list[nn.Module]:
+    """The modules `shard_model` makes FSDP2 units of, in the order it wraps them: every LLM decoder layer, the
+    visual path, then the root (`module`: the parameters no other unit holds). The planner counts the same units."""
+    return [*decoder_layers(module.llm), module.visual, module]
+
+
 def apply_activation_checkpointing(llm: nn.Module, mode: str) -> None:
     """full: every decoder layer; selective: every other layer (0, 2, ...); off: none."""
     if mode == "off":
@@ -214,11 +220,12 @@ def shard_model(module: TrainModule, info: DistInfo, *, param_dtype: str = "bflo
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=_dtype(param_dtype), reduce_dtype=_dtype(reduce_dtype))
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
-    for i, layer in enumerate(layers):
+    *layer_units, visual, root = fsdp_units(module)
+    for i, layer in enumerate(layer_units):
         # The last layer's parameters are needed again right away in backward: keep them gathered (torchtitan's rule).
-        fully_shard(layer, reshard_after_forward=i < len(layers) - 1, **kwargs)
-    fully_shard(module.visual, **kwargs)
-    fully_shard(module, **kwargs)
+        fully_shard(layer, reshard_after_forward=i < len(layer_units) - 1, **kwargs)
+    fully_shard(visual, **kwargs)
+    fully_shard(root, **kwargs)
     return module
 
 

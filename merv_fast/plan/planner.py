@@ -1,0 +1,275 @@
+"""`merv-fast plan`: will a preset fit, how fast will it train, and which settings to run, for any cluster.
+
+`plan(...)` evaluates the configuration `merv-fast train` would run (the trainer's micro-batch rule, the training
+settings given) with the memory model (memory.py) and the step-time model (timing.py), then every alternative the
+trainer offers (micro-batch among the divisors of each rank's share of the global batch, activation checkpointing
+off / selective / full, FSDP2 full or hybrid sharding) and recommends the fastest that fits, with its reasons. Every
+number says where it came from: a named constant with its source, the module shapes, or a results file.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, replace
+from typing import Any
+
+from merv_fast.config import BASELINE_OF, ModelConfig, get_preset
+from merv_fast.plan import memory as memory_model
+from merv_fast.plan import timing as timing_model
+from merv_fast.plan.hardware import Cluster, Figure, Rates, resolve_rates
+from merv_fast.plan.memory import SOURCE_FRAME_PIXELS, MemoryPlan, memory_plan
+from merv_fast.plan.shapes import ModelShapes, model_shapes
+from merv_fast.plan.timing import TimePlan, encoder_ops, op_seconds, time_plan
+from merv_fast.plan.workload import DTYPE_BYTES, Workload, precision_for
+from merv_fast.train.config import AC_MODES, TrainConfig
+
+GIB = 2**30
+MAX_MICRO_BATCH = 64  # the largest micro-batch the search considers
+
+
+_SHAPES: dict[str, ModelShapes] = {}
+
+
+def shapes_of(cfg: ModelConfig) -> ModelShapes:
+    """`model_shapes`, built once per configuration (a meta-device build of a 7B model takes about a second)."""
+    key = json.dumps(cfg.to_dict(), sort_keys=True, default=str)
+    if key not in _SHAPES:
+        _SHAPES[key] = model_shapes(cfg)
+    return _SHAPES[key]
+
+
+@dataclass
+class Evaluated:
+    workload: Workload
+    memory: MemoryPlan
+    time: TimePlan
+
+
+def _attention(cfg: ModelConfig, device: str) -> str:
+    """The backend the plan assumes: the configured one; `auto` is sdpa (what every install has; on a GPU with
+    flash-attn installed `auto` picks flash_attn, which needs less: no dense mask, no repeated k/v)."""
+    return "sdpa" if cfg.llm.attention == "auto" else cfg.llm.attention
+
+
+def make_workload(s: ModelShapes, cluster: Cluster, train: TrainConfig, *, micro_batch: int, per_rank: int,
+                  text_tokens: float, max_text_tokens: int, checkpointing: str, hybrid: bool,
+                  frame_bytes: float | None = None, prefetch: bool = True) -> Workload:
+    world = cluster.world
+    frames = s.frames_sampled * 3 * SOURCE_FRAME_PIXELS.value if frame_bytes is None else frame_bytes
+    device = "cpu" if cluster.gpu == "cpu" else "cuda"
+    return Workload(
+        micro_batch=micro_batch, micro_batches=per_rank // micro_batch, text_tokens=text_tokens,
+        max_text_tokens=max_text_tokens, checkpointing=checkpointing, world=world,
+        shard_group=cluster.gpus_per_node if hybrid and cluster.nodes > 1 else world,
+        precision=precision_for(device, world, train.param_dtype),
+        param_bytes=DTYPE_BYTES[train.param_dtype] if device == "cuda" else 4,
+        reduce_bytes=DTYPE_BYTES[train.reduce_dtype] if device == "cuda" else 4,
+        attention=_attention(s.config, device), loss=s.config.llm.loss, encoder_mode=s.config.encoder_runtime.mode,
+        num_workers=train.num_workers, frame_bytes=frames, prefetch=prefetch and device == "cuda")
+
+
+def evaluate(s: ModelShapes, w: Workload, cluster: Cluster, rates: Rates) -> Evaluated:
+    return Evaluated(w, memory_plan(s, w, rates.memory_bytes, rates.runtime_reserved_bytes,
+                                    rates.allocator_headroom), time_plan(s, w, cluster, rates))
+
+
+def divisors(n: int) -> list[int]:
+    return [d for d in range(1, min(n, MAX_MICRO_BATCH) + 1) if n % d == 0]
+
+
+def _constants() -> dict[str, dict]:
+    """Every named constant of the memory and time models (a table of them, such as ENCODER_LIVE_I, entry by entry)."""
+    found = {}
+    for module in (memory_model, timing_model):
+        for value in vars(module).values():
+            for f in (value.values() if isinstance(value, dict) else [value]):
+                if isinstance(f, Figure):
+                    found[f.name] = f.to_dict()
+    return found
+
+
+# ----------------------------------------------------------------------------------------------- the plan
+def plan(model_cfg: ModelConfig, train: TrainConfig, cluster: Cluster, *, micro_batch: int | None = None,
+         text_tokens: float = 128, max_text_tokens: int | None = None, results: list[str] | None = None,
+         ceilings: dict | None = None, frame_bytes: float | None = None, prefetch: bool = True,
+         baseline: bool = True, search: bool = True) -> dict[str, Any]:
+    """The plan as a JSON-able dict (`format_plan` prints it). `ceilings`: the calling run's measured ceilings (the
+    GPU suite); `results`: results files whose measurements replace the tables' figures."""
+    from merv_fast.train.loop import default_micro_batch
+
+    world = cluster.world
+    if train.global_batch_size % world:
+        raise ValueError(f"global_batch_size {train.global_batch_size} is not a multiple of the {world} GPUs "
+                         "(--set global_batch_size=N)")
+    per_rank = train.global_batch_size // world
+    micro = micro_batch or train.micro_batch_size or default_micro_batch(per_rank)
+    if per_rank % micro:
+        raise ValueError(f"--micro-batch {micro} does not divide the {per_rank} samples per GPU of each step")
+    longest = max_text_tokens or model_cfg.llm.max_text_tokens
+    if text_tokens > longest:
+        raise ValueError(f"--text-tokens {text_tokens} exceeds --max-text-tokens {longest}")
+    rates = resolve_rates(cluster, results, ceilings)
+    s = shapes_of(model_cfg)
+
+    def run(b: int, checkpointing: str, hybrid: bool, shapes: ModelShapes = s) -> Evaluated:
+        w = make_workload(shapes, cluster, train, micro_batch=b, per_rank=per_rank, text_tokens=text_tokens,
+                          max_text_tokens=longest, checkpointing=checkpointing, hybrid=hybrid,
+                          frame_bytes=frame_bytes, prefetch=prefetch)
+        return evaluate(shapes, w, cluster, rates)
+
+    asked = run(micro, train.activation_checkpointing, train.hybrid_shard)
+    out: dict[str, Any] = {
+        "preset": model_cfg.name, "cluster": cluster.to_dict(),
+        "settings": {"global_batch_size": train.global_batch_size, "micro_batch": micro,
+                     "micro_batches_per_step": per_rank // micro, "activation_checkpointing":
+                         train.activation_checkpointing, "sharding": _sharding(train.hybrid_shard, cluster),
+                     "text_tokens_mean": text_tokens, "text_tokens_max": longest,
+                     "precision": asked.workload.precision.name, "attention": asked.workload.attention,
+                     "loss": asked.workload.loss, "encoders.mode": asked.workload.encoder_mode},
+        "memory": memory_dict(asked.memory),
+        "time": time_dict(asked.time),
+        "constants": {**rates.figures(), **_constants()},
+    }
+    if search:
+        sharding = [train.hybrid_shard] if cluster.nodes == 1 else [False, True]
+        table = {(b, ac, h): run(b, ac, h) for h in sharding for ac in AC_MODES for b in divisors(per_rank)}
+        out["largest_micro_batch"] = {ac: max((b for (b, a, h), e in table.items() if a == ac and
+                                               h == train.hybrid_shard and e.memory.fits), default=None)
+                                      for ac in AC_MODES}
+        out["recommendation"] = recommend(table, asked, cluster, rates, s)
+    if baseline and model_cfg.name in BASELINE_OF:
+        base_cfg = replace(get_preset(BASELINE_OF[model_cfg.name]), encoder_runtime=model_cfg.encoder_runtime)
+        base = run(micro, train.activation_checkpointing, train.hybrid_shard, shapes_of(base_cfg))
+        out["baseline"] = {"preset": base_cfg.name, "step_s": base.time.step_s,
+                           "step_ratio": asked.time.step_s / base.time.step_s}
+    return out
+
+
+def _sharding(hybrid: bool, cluster: Cluster) -> str:
+    if cluster.world == 1:
+        return "none (one GPU)"
+    return "hybrid (shard in a node, replicate across nodes)" if hybrid and cluster.nodes > 1 else "full"
+
+
+def memory_dict(m: MemoryPlan) -> dict[str, Any]:
+    return {"peak_bytes": int(m.peak_bytes), "needed_bytes": int(m.needed_bytes),
+            "capacity_bytes": int(m.capacity_bytes), "fits": m.fits, "peak_at": m.peak_event,
+            "items": [i.to_dict() for i in m.peak_items()],
+            "state": {k: v.to_dict() for k, v in m.state.items()}}
+
+
+def time_dict(t: TimePlan) -> dict[str, Any]:
+    return {"step_s": t.step_s, "samples_per_s": t.samples_per_s, "tokens_per_s": t.tokens_per_s, "mfu": t.mfu,
+            "comm_s": t.comm_s, "exposed_comm_s": t.exposed_comm_s, "comm_share": t.comm_share,
+            "model_flops_per_sample": t.model_flops_per_sample, "phases": [p.to_dict() for p in t.phases],
+            "overlap": "decoder-layer collectives hidden behind their layer's compute (FSDP2 prefetch); root and "
+                       "visual-path collectives and everything beyond a layer's compute exposed; decoding beside "
+                       "the GPU in DataLoader workers"}
+
+
+def recommend(table: dict[tuple, Evaluated], asked: Evaluated, cluster: Cluster, rates: Rates,
+              s: ModelShapes) -> dict[str, Any]:
+    fitting = {key: e for key, e in table.items() if e.memory.fits}
+    reasons = []
+    for ac in AC_MODES:
+        if not any(a == ac for (_, a, _) in fitting):
+            smallest = min((e for (b, a, _), e in table.items() if a == ac), key=lambda e: e.memory.needed_bytes)
+            reasons.append(f"activation_checkpointing={ac} does not fit at any micro-batch: it needs "
+                           f"{smallest.memory.needed_bytes / GIB:.1f} GiB at micro-batch "
+                           f"{smallest.workload.micro_batch} of the {rates.memory_bytes.value / GIB:.1f} GiB")
+    if not fitting:
+        return {"fits": False, "reasons": reasons + ["nothing fits: use more GPUs (a larger shard group), a "
+                                                     "shorter --max-text-tokens, or the feature cache"]}
+    (b, ac, hybrid), best = min(fitting.items(), key=lambda kv: (kv[1].time.step_s, -kv[0][0]))
+    w = best.workload
+    reasons.append(f"micro-batch {b} with activation_checkpointing={ac}: the fastest step that fits "
+                   f"({best.time.step_s:.3f} s, {best.memory.needed_bytes / GIB:.1f} of "
+                   f"{rates.memory_bytes.value / GIB:.1f} GiB)")
+    if w.micro_batches > 1:
+        reasons.append(f"{w.micro_batches} micro-batches per step: gradient accumulation keeps "
+                       f"{'unsharded ' if w.fsdp else ''}gradients across them")
+    elif w.fsdp and b > 1:
+        reasons.append("one micro-batch per step: FSDP2 needs no unsharded gradient accumulation buffer")
+    if cluster.nodes > 1:
+        other = [e for (bb, a, h), e in fitting.items() if bb == b and a == ac and h != hybrid]
+        if other:
+            o = other[0]
+            reasons.append(f"{'hybrid' if hybrid else 'full'} sharding: exposed communication "
+                           f"{best.time.exposed_comm_s:.3f} s per step vs {o.time.exposed_comm_s:.3f} s "
+                           f"({'full' if hybrid else 'hybrid'}), memory {best.memory.needed_bytes / GIB:.1f} vs "
+                           f"{o.memory.needed_bytes / GIB:.1f} GiB")
+    mode, why = _encoder_mode(s, w, rates)
+    reasons.append(why)
+    if asked.memory.fits:
+        gain = asked.time.step_s / best.time.step_s
+        reasons.append(f"the configuration asked for fits ({asked.memory.needed_bytes / GIB:.1f} GiB); the "
+                       f"recommendation is {gain:.2f}x its speed")
+    else:
+        reasons.append(f"the configuration asked for does NOT fit: it needs {asked.memory.needed_bytes / GIB:.1f} "
+                       f"GiB (peak at {asked.memory.peak_event})")
+    return {"fits": True, "micro_batch": b, "activation_checkpointing": ac,
+            "sharding": _sharding(hybrid, cluster), "encoders.mode": mode, "step_s": best.time.step_s,
+            "samples_per_s": best.time.samples_per_s, "mfu": best.time.mfu, "reasons": reasons}
+
+
+def _encoder_mode(s: ModelShapes, w: Workload, rates: Rates) -> tuple[str, str]:
+    """Launch-bound encoders gain from one CUDA graph; compute-bound ones gain nothing from streams or graphs."""
+    if w.precision.name == "fp32":
+        return "sequential", "encoders.mode=sequential: on a CPU every mode runs sequentially"
+    ops = encoder_ops(s, w)
+    floor = sum(o.kernels * rates.op_floor_s.value for o in ops)
+    total = sum(op_seconds(o, rates) for o in ops)
+    bound = floor / total if total else 0.0
+    if bound > 0.5:
+        return "graph", (f"encoders.mode=graph: at micro-batch {w.micro_batch} the encoders' kernels are "
+                         f"launch-bound ({bound:.0%} of their time is the per-kernel floor); one CUDA graph removes "
+                         "the launches")
+    return "sequential", (f"encoders.mode=sequential: at micro-batch {w.micro_batch} the encoders are compute-bound "
+                          f"(kernel launches {bound:.0%} of their time); streams or a graph cannot add throughput")
+
+
+# ----------------------------------------------------------------------------------------------- printing
+def _gib(x: float) -> str:
+    return f"{x / GIB:8.2f} GiB"
+
+
+def format_plan(p: dict[str, Any]) -> str:
+    c, st, m, t = p["cluster"], p["settings"], p["memory"], p["time"]
+    lines = [f"merv-fast plan: {p['preset']} on {c['world']} x {c['gpu']} ({c['nodes']} node(s) x "
+             f"{c['gpus_per_node']}, {c['interconnect']}), sharding {st['sharding']}",
+             f"micro-batch {st['micro_batch']} x {st['micro_batches_per_step']} per step (global batch "
+             f"{st['global_batch_size']}), activation_checkpointing={st['activation_checkpointing']}, "
+             f"{st['precision']}, text tokens mean {st['text_tokens_mean']:g} / longest {st['text_tokens_max']}, "
+             f"attention {st['attention']}, loss {st['loss']}, encoders.mode={st['encoders.mode']}",
+             "", f"memory per GPU at its peak ({m['peak_at']}):"]
+    lines += [f"  {i['name'][:62]:62} {_gib(i['bytes'])}   {i['from']}" for i in m["items"] if i["bytes"]]
+    lines += [f"  {'live tensors at the peak':62} {_gib(m['peak_bytes'])}",
+              f"  {'with allocator headroom and runtime reserve':62} {_gib(m['needed_bytes'])}   "
+              "ALLOCATOR_HEADROOM, RUNTIME_RESERVED_BYTES",
+              f"  {'device memory':62} {_gib(m['capacity_bytes'])}   -> "
+              f"{'fits' if m['fits'] else 'DOES NOT FIT'}"]
+    if "largest_micro_batch" in p:
+        lines.append("  largest micro-batch that fits: " + ", ".join(
+            f"{ac} {b if b is not None else 'none'}" for ac, b in p["largest_micro_batch"].items()))
+    lines += ["", "time per step, per GPU:"]
+    lines += [f"  {ph['name'][:62]:62} {ph['seconds']:10.4f} s   {ph['from']}" for ph in t["phases"]]
+    lines += [f"  {'step':62} {t['step_s']:10.4f} s",
+              f"  samples/s {t['samples_per_s']:.2f}, tokens/s {t['tokens_per_s']:.0f}, MFU {t['mfu']:.3f}; "
+              f"collectives {t['comm_s']:.4f} s per step, {t['exposed_comm_s']:.4f} s exposed "
+              f"({t['comm_share']:.1%} of the step)",
+              f"  overlap: {t['overlap']}"]
+    if "baseline" in p:
+        b = p["baseline"]
+        lines.append(f"  MERV / single-encoder ({b['preset']}) step time: {b['step_ratio']:.2f}")
+    if "recommendation" in p:
+        r = p["recommendation"]
+        lines += ["", "recommendation:" if r["fits"] else "recommendation: nothing fits"]
+        if r["fits"]:
+            lines.append(f"  --micro-batch {r['micro_batch']} --set activation_checkpointing="
+                         f"{r['activation_checkpointing']}, sharding {r['sharding']}, "
+                         f"--set encoders.mode={r['encoders.mode']}: {r['step_s']:.3f} s per step, "
+                         f"{r['samples_per_s']:.2f} samples/s, MFU {r['mfu']:.3f}")
+        lines += [f"  - {reason}" for reason in r["reasons"]]
+    lines += ["", "constants and measurements used:"]
+    lines += [f"  {name} = {v['value']:.6g}   ({v['source']})" for name, v in p["constants"].items()]
+    return "\n".join(lines)
