@@ -33,6 +33,22 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    if args.scaling_table:
+        from merv_fast.plan.scaling import scaling_command
+
+        return scaling_command(args.write, check=args.check)
+    from merv_fast.plan.planner import PlanRequest, format_plan, run_request
+
+    report = run_request(PlanRequest(
+        preset=args.preset or "merv-7b", config=args.config, overrides=args.overrides, recipe=args.recipe,
+        gpu=args.gpu, gpus_per_node=args.gpus_per_node, nodes=args.nodes, interconnect=args.interconnect,
+        cpu_cores_per_node=args.cpu_cores_per_node, micro_batch=args.micro_batch, text_tokens=args.text_tokens,
+        max_text_tokens=args.max_text_tokens, results=args.results))
+    print(json.dumps(report, indent=2) if args.json else format_plan(report))
+    return 0
+
+
 def cmd_bench(args) -> int:
     from merv_fast.config import parse_cli_overrides
     from merv_fast.train.bench import BenchSettings, run_bench
@@ -159,6 +175,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--text-tokens", type=int, default=128)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("plan", help="memory per GPU and time per step of a preset on a cluster, itemised, and the "
+                                    "settings to run (built on meta); --set takes training and model keys")
+    _model_args(p)
+    p.add_argument("--recipe", default="merv-frozen", help="the training recipe (global batch, ...)")
+    p.add_argument("--gpu", default="h100", help="h100 | h200 | a100 | l40s | cpu (rates from a results file)")
+    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--interconnect", default="ib-400", help="between nodes: nvlink | ib-400 | ib-200 | eth-100")
+    p.add_argument("--cpu-cores-per-node", type=int, default=None, help="default: the GPU's reference server")
+    p.add_argument("--micro-batch", type=int, default=None, help="default: the trainer's choice")
+    p.add_argument("--text-tokens", type=float, default=128, help="mean text tokens per sample (time)")
+    p.add_argument("--max-text-tokens", type=int, default=None,
+                   help="the longest sample, planned for in memory (default: llm.max_text_tokens)")
+    p.add_argument("--results", action="append", default=[], metavar="FILE",
+                   help="results file(s) whose measured ceilings replace the device table's figures "
+                        "(default: bench/results files of the same GPU)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--scaling-table", action="store_true",
+                   help="the README's table of merv-7b on 8, 64 and 512 H100s (with --write README.md [--check])")
+    p.add_argument("--write", default=None, metavar="README.md")
+    p.add_argument("--check", action="store_true")
+    p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("bench", help="training steps of MERV and its single-encoder baseline, side by side")
     p.add_argument("--preset", default=None, help="default: tiny on CPU, merv-1b on a GPU")

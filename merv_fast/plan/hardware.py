@@ -228,7 +228,7 @@ class Rates:
 def _cpu_rates(files: list[tuple[Path, dict]], ceilings: dict | None) -> tuple[Figure, Figure]:
     """A CPU 'device' has no datasheet here: its rates are the measured fp32 matmul and copy ceilings."""
     if ceilings:
-        source = "the ceilings measured in this run"
+        source = "this run's ceilings"
         flops, copy = flop_s_ceiling(ceilings), bytes_s_ceiling(ceilings)
     else:
         hit = _newest(files, lambda d: d.get("ceilings") if flop_s_ceiling(d.get("ceilings") or {}) else None)

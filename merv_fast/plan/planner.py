@@ -119,6 +119,7 @@ def plan(model_cfg: ModelConfig, train: TrainConfig, cluster: Cluster, *, micro_
 
     asked = run(micro, train.activation_checkpointing, train.hybrid_shard)
     out: dict[str, Any] = {
+        "not_modelled": not_modelled(model_cfg, train),
         "preset": model_cfg.name, "cluster": cluster.to_dict(),
         "settings": {"global_batch_size": train.global_batch_size, "micro_batch": micro,
                      "micro_batches_per_step": per_rank // micro, "activation_checkpointing":
@@ -143,6 +144,24 @@ def plan(model_cfg: ModelConfig, train: TrainConfig, cluster: Cluster, *, micro_
         out["baseline"] = {"preset": base_cfg.name, "step_s": base.time.step_s,
                            "step_ratio": asked.time.step_s / base.time.step_s}
     return out
+
+
+# Settings the trainer has and the model does not describe: each is planned as if it were off.
+NOT_MODELLED = {
+    "packing": "packed rows (the plan pads every micro-batch to its longest sample)",
+    "cpu_offload": "FSDP2 CPU offload (the plan keeps shards, gradients and AdamW state on the GPU)",
+    "compile_llm": "torch.compile of the decoder layers (the plan times eager kernels)",
+    "feature_cache": "training from the feature cache (the plan runs the encoders)",
+}
+
+
+def not_modelled(model_cfg: ModelConfig, train: TrainConfig) -> list[str]:
+    notes = [why for key, why in NOT_MODELLED.items() if getattr(train, key)]
+    if model_cfg.encoder_runtime.compile or model_cfg.encoder_runtime.prefetch:
+        notes.append("encoders.compile / encoders.prefetch (the plan times the encoders eagerly, in line)")
+    if model_cfg.llm.fused_layer_kernels:
+        notes.append("llm.fused_layer_kernels (the plan counts transformers' Llama ops)")
+    return notes
 
 
 def _sharding(hybrid: bool, cluster: Cluster) -> str:
@@ -241,6 +260,7 @@ def format_plan(p: dict[str, Any]) -> str:
              f"{st['global_batch_size']}), activation_checkpointing={st['activation_checkpointing']}, "
              f"{st['precision']}, text tokens mean {st['text_tokens_mean']:g} / longest {st['text_tokens_max']}, "
              f"attention {st['attention']}, loss {st['loss']}, encoders.mode={st['encoders.mode']}",
+             *(f"not modelled, planned as if off: {note}" for note in p["not_modelled"]),
              "", f"memory per GPU at its peak ({m['peak_at']}):"]
     lines += [f"  {i['name'][:62]:62} {_gib(i['bytes'])}   {i['from']}" for i in m["items"] if i["bytes"]]
     lines += [f"  {'live tensors at the peak':62} {_gib(m['peak_bytes'])}",
@@ -273,3 +293,37 @@ def format_plan(p: dict[str, Any]) -> str:
     lines += ["", "constants and measurements used:"]
     lines += [f"  {name} = {v['value']:.6g}   ({v['source']})" for name, v in p["constants"].items()]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------- the command
+@dataclass
+class PlanRequest:
+    """`merv-fast plan`'s arguments: what to plan and where."""
+
+    preset: str = "merv-7b"
+    config: str | None = None  # YAML of model-config overrides
+    overrides: list[str] | None = None  # `key=value`: training settings (TrainConfig) or model-config keys
+    recipe: str = "merv-frozen"
+    gpu: str = "h100"
+    gpus_per_node: int = 8
+    nodes: int = 1
+    interconnect: str = "ib-400"
+    cpu_cores_per_node: int | None = None
+    micro_batch: int | None = None
+    text_tokens: float = 128
+    max_text_tokens: int | None = None
+    results: list[str] | None = None
+
+
+def run_request(r: PlanRequest) -> dict[str, Any]:
+    from merv_fast.config import load_config, parse_cli_overrides
+    from merv_fast.train.config import make_train_config, split_overrides
+
+    train_over, model_over = split_overrides(parse_cli_overrides(r.overrides or []))
+    model_cfg = load_config(r.preset, r.config, model_over)
+    train = make_train_config(r.recipe, overrides=train_over, preset=model_cfg.name)
+    cluster = Cluster(r.gpu, r.gpus_per_node, r.nodes, r.interconnect, r.cpu_cores_per_node)
+    if r.micro_batch is not None and r.micro_batch < 1:
+        raise ValueError(f"--micro-batch must be positive, got {r.micro_batch}")
+    return plan(model_cfg, train, cluster, micro_batch=r.micro_batch, text_tokens=r.text_tokens,
+                max_text_tokens=r.max_text_tokens, results=r.results or None)
