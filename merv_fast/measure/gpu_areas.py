@@ -1,5 +1,6 @@
 """The GPU suite's measurement areas so far: the visual path, the frozen encoders, and the main job's training
-step (MERV vs its single-encoder baseline). Each runs in its own subprocess under the suite's time budget."""
+step (MERV vs its single-encoder baseline, and `merv-fast plan`'s prediction of it beside the measurement). Each runs
+in its own subprocess under the suite's time budget."""
 
 from __future__ import annotations
 
@@ -150,7 +151,7 @@ def train_area(results: ResultsFile, ceilings: dict) -> None:
     batch = report["config"]["batch_size"]
     predicted = prediction_row(
         f"bench training step {merv['preset']}", as_run(merv["preset"]), ranks=1, global_batch=batch,
-        micro_batch=batch, text_tokens=merv["text_tokens_per_sample"], max_text_tokens=merv["padded_text_tokens"],
+        micro_batch=batch, text_tokens=merv["padded_text_tokens_mean"], max_text_tokens=merv["padded_text_tokens"],
         checkpointing="full" if report["config"]["activation_checkpointing"] else "off",
         frame_bytes=merv["frame_bytes_per_sample"], prefetch=False, ceilings=ceilings,
         step_times_s=merv["step_times_s"], peak_bytes=merv["peak_mem_bytes"])

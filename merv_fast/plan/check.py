@@ -55,7 +55,9 @@ def prediction_row(what: str, model_cfg: ModelConfig, *, ranks: int, global_batc
                    text_tokens: float, max_text_tokens: int, checkpointing: str, frame_bytes: float, prefetch: bool,
                    ceilings: dict, step_times_s: list[float], peak_bytes: int | None,
                    num_workers: int = 2) -> dict[str, Any] | None:
-    """One results row: the measured step (as `ours`) beside the plan's step time and peak memory."""
+    """One results row: the measured step (as `ours`) beside the plan's step time and peak memory. `text_tokens`:
+    the text positions each sample computes (padding included where the run pads); `max_text_tokens`: the widest
+    micro-batch's."""
     cluster = suite_cluster(ranks)
     if cluster is None:
         print(f"{what}: no prediction, the device table has no entry for {device_slug()}")

@@ -84,7 +84,7 @@ def shard_numel(s: ModelShapes, group: int, rank: int = 0, *, trainable: bool | 
 
 def state_items(s: ModelShapes, w: Workload, rank: int = 0) -> dict[str, Item]:
     """What a rank holds between steps (parameters, optimizer state, encoders) and its gradients after backward,
-    exactly (tests/plan/test_fsdp_bytes.py checks them against the sharded model under torchrun)."""
+    exactly (tests/plan/test_fsdp_state.py checks them against the sharded model under torchrun)."""
     group = w.shard_group if w.fsdp else 1
     rank = rank % group  # the rank's place in its shard group (hybrid: within its node)
     how = f"FSDP2 shard over {group} ranks, dim 0 padded to equal chunks" if group > 1 else "whole (one process)"
@@ -189,7 +189,8 @@ def micro_batch_items(s: ModelShapes, w: Workload) -> dict[str, Item]:
     items = {
         "frames": Item("decoded frames on the device (uint8)" + (", this and the next micro-batch" if copies > 1
                                                                  else ""),
-                       copies * on_device_frames, "frames x pixels x 3 bytes (SOURCE_FRAME_PIXELS)"),
+                       copies * on_device_frames, "decoded bytes per sample (SOURCE_FRAME_PIXELS x 3 x frames "
+                                                  "unless the run's are known); on a CPU they are the batch itself"),
         "pixels": Item("encoder inputs" + (", this and the next micro-batch" if copies > 1 else ""),
                        copies * b * sum(e.frames * 3 * e.image_size ** 2 for e in s.encoders) * p.encoder,
                        f"frames x 3 x size^2 x {p.encoder} bytes per encoder"),

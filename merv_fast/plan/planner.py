@@ -10,21 +10,24 @@ number says where it came from: a named constant with its source, the module sha
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass, replace
 from typing import Any
 
-from merv_fast.config import BASELINE_OF, ModelConfig, get_preset
+from merv_fast.config import BASELINE_OF, ModelConfig, apply_overrides
 from merv_fast.plan import memory as memory_model
 from merv_fast.plan import timing as timing_model
 from merv_fast.plan.hardware import Cluster, Figure, Rates, resolve_rates
 from merv_fast.plan.memory import SOURCE_FRAME_PIXELS, MemoryPlan, memory_plan
 from merv_fast.plan.shapes import ModelShapes, model_shapes
-from merv_fast.plan.timing import TimePlan, encoder_ops, op_seconds, time_plan
+from merv_fast.plan.timing import TimePlan, encoder_seconds, time_plan
 from merv_fast.plan.workload import DTYPE_BYTES, Workload, precision_for
 from merv_fast.train.config import AC_MODES, TrainConfig
 
 GIB = 2**30
 MAX_MICRO_BATCH = 64  # the largest micro-batch the search considers
+ENCODER_GRAPH_GAIN = Figure("ENCODER_GRAPH_GAIN", 0.02, "a CUDA graph of the encoders is recommended when it saves "
+                            "more than 2% of the step")
 
 
 _SHAPES: dict[str, ModelShapes] = {}
@@ -80,7 +83,7 @@ def divisors(n: int) -> list[int]:
 def _constants() -> dict[str, dict]:
     """Every named constant of the memory and time models (a table of them, such as ENCODER_LIVE_I, entry by entry)."""
     found = {}
-    for module in (memory_model, timing_model):
+    for module in (memory_model, timing_model, sys.modules[__name__]):
         for value in vars(module).values():
             for f in (value.values() if isinstance(value, dict) else [value]):
                 if isinstance(f, Figure):
@@ -138,12 +141,20 @@ def plan(model_cfg: ModelConfig, train: TrainConfig, cluster: Cluster, *, micro_
                                                h == train.hybrid_shard and e.memory.fits), default=None)
                                       for ac in AC_MODES}
         out["recommendation"] = recommend(table, asked, cluster, rates, s)
-    if baseline and model_cfg.name in BASELINE_OF:
-        base_cfg = replace(get_preset(BASELINE_OF[model_cfg.name]), encoder_runtime=model_cfg.encoder_runtime)
+    names = [e.name for e in model_cfg.encoders]
+    if baseline and len(names) > 1 and "languagebind" in names:
+        base_cfg = baseline_config(model_cfg)
         base = run(micro, train.activation_checkpointing, train.hybrid_shard, shapes_of(base_cfg))
         out["baseline"] = {"preset": base_cfg.name, "step_s": base.time.step_s,
                            "step_ratio": asked.time.step_s / base.time.step_s}
     return out
+
+
+def baseline_config(model_cfg: ModelConfig) -> ModelConfig:
+    """The single-encoder baseline of a MERV configuration: the same model (overrides included) with LanguageBind
+    alone, as the single-* presets are."""
+    single = apply_overrides(model_cfg, {"encoders": ["languagebind"]})
+    return replace(single, name=BASELINE_OF.get(model_cfg.name, f"{model_cfg.name} with languagebind only"))
 
 
 # Settings the trainer has and the model does not describe: each is planned as if it were off.
@@ -213,11 +224,12 @@ def recommend(table: dict[tuple, Evaluated], asked: Evaluated, cluster: Cluster,
         other = [e for (bb, a, h), e in fitting.items() if bb == b and a == ac and h != hybrid]
         if other:
             o = other[0]
-            reasons.append(f"{'hybrid' if hybrid else 'full'} sharding: exposed communication "
-                           f"{best.time.exposed_comm_s:.3f} s per step vs {o.time.exposed_comm_s:.3f} s "
-                           f"({'full' if hybrid else 'hybrid'}), memory {best.memory.needed_bytes / GIB:.1f} vs "
-                           f"{o.memory.needed_bytes / GIB:.1f} GiB")
-    mode, why = _encoder_mode(s, w, rates)
+            reasons.append(f"{'hybrid' if hybrid else 'full'} sharding: {best.time.step_s:.3f} s per step vs "
+                           f"{o.time.step_s:.3f} s with {'full' if hybrid else 'hybrid'} (exposed communication "
+                           f"{best.time.exposed_comm_s:.3f} vs {o.time.exposed_comm_s:.3f} s; shards of "
+                           f"{w.shard_group} vs {o.workload.shard_group} ranks: memory "
+                           f"{best.memory.needed_bytes / GIB:.1f} vs {o.memory.needed_bytes / GIB:.1f} GiB)")
+    mode, why = _encoder_mode(s, w, best.time.step_s, rates)
     reasons.append(why)
     if asked.memory.fits:
         gain = asked.time.step_s / best.time.step_s
@@ -231,20 +243,23 @@ def recommend(table: dict[tuple, Evaluated], asked: Evaluated, cluster: Cluster,
             "samples_per_s": best.time.samples_per_s, "mfu": best.time.mfu, "reasons": reasons}
 
 
-def _encoder_mode(s: ModelShapes, w: Workload, rates: Rates) -> tuple[str, str]:
-    """Launch-bound encoders gain from one CUDA graph; compute-bound ones gain nothing from streams or graphs."""
+def _encoder_mode(s: ModelShapes, w: Workload, step_s: float, rates: Rates) -> tuple[str, str]:
+    """One CUDA graph removes the encoders' launches and costs a memory pool: worth it when the launches are a
+    visible share of the step and the pool fits."""
     if w.precision.name == "fp32":
         return "sequential", "encoders.mode=sequential: on a CPU every mode runs sequentially"
-    ops = encoder_ops(s, w)
-    floor = sum(o.kernels * rates.op_floor_s.value for o in ops)
-    total = sum(op_seconds(o, rates) for o in ops)
-    bound = floor / total if total else 0.0
-    if bound > 0.5:
-        return "graph", (f"encoders.mode=graph: at micro-batch {w.micro_batch} the encoders' kernels are "
-                         f"launch-bound ({bound:.0%} of their time is the per-kernel floor); one CUDA graph removes "
-                         "the launches")
-    return "sequential", (f"encoders.mode=sequential: at micro-batch {w.micro_batch} the encoders are compute-bound "
-                          f"(kernel launches {bound:.0%} of their time); streams or a graph cannot add throughput")
+    eager = encoder_seconds(s, w, rates)
+    graph_w = replace(w, encoder_mode="graph")
+    saved = w.micro_batches * (eager - encoder_seconds(s, graph_w, rates))  # per step
+    memory = memory_plan(s, graph_w, rates.memory_bytes, rates.runtime_reserved_bytes, rates.allocator_headroom)
+    if saved > ENCODER_GRAPH_GAIN.value * step_s and memory.fits:
+        return "graph", (f"encoders.mode=graph: at micro-batch {w.micro_batch} the encoders' kernel launches cost "
+                         f"{saved * 1e3:.1f} ms of a {step_s * 1e3:.0f} ms step; one CUDA graph replays them without "
+                         f"(its pool fits: {memory.needed_bytes / GIB:.1f} GiB)")
+    why = (f"it would save {saved * 1e3:.1f} ms of a {step_s * 1e3:.0f} ms step" if memory.fits else
+           f"its pool does not fit ({memory.needed_bytes / GIB:.1f} GiB)")
+    return "sequential", (f"encoders.mode=sequential: the encoders are compute-bound at micro-batch "
+                          f"{w.micro_batch}; a CUDA graph: {why}")
 
 
 # ----------------------------------------------------------------------------------------------- printing

@@ -44,14 +44,23 @@ class Op:
     kernels: int = 1
 
 
-def op_seconds(op: Op, rates: Rates) -> float:
+def op_seconds(op: Op, rates: Rates, launched: bool = True) -> float:
+    """`launched`: eager kernels, each at least the launch floor; False for a replayed CUDA graph."""
     rate = {"matmul": rates.matmul_flop_s, "attention": rates.attention_flop_s}.get(op.kind)
     compute = op.flops / rate.value if rate is not None and op.flops else 0.0
-    return max(compute, op.bytes / rates.memory_bytes_s.value, op.kernels * rates.op_floor_s.value)
+    floor = op.kernels * rates.op_floor_s.value if launched else 0.0
+    return max(compute, op.bytes / rates.memory_bytes_s.value, floor)
 
 
-def _seconds(ops: list[Op], rates: Rates) -> float:
-    return sum(op_seconds(o, rates) for o in ops)
+def _seconds(ops: list[Op], rates: Rates, launched: bool = True) -> float:
+    return sum(op_seconds(o, rates, launched) for o in ops)
+
+
+def encoder_seconds(s: ModelShapes, w: Workload, rates: Rates) -> float:
+    """The encoders' forward: eager kernels, or (encoders.mode=graph on a GPU) one graph replay without launches.
+    Streams run the same kernels: a full-size encoder fills the GPU, so concurrency is not modelled as a gain."""
+    graph = w.encoder_mode == "graph" and w.precision.name != "fp32"
+    return _seconds(encoder_ops(s, w), rates, launched=not graph)
 
 
 def _scaled(ops: list[Op], factor: float) -> list[Op]:
@@ -222,7 +231,7 @@ def time_plan(s: ModelShapes, w: Workload, cluster: Cluster, rates: Rates) -> Ti
     embed = Op("embedding lookup / gradient", "memory",
                bytes=3 * t * s.hidden * w.precision.residual + s.vocab * s.hidden * w.precision.residual, kernels=4)
     loss = _seconds(loss_ops(s, w), rates)
-    encoders = _seconds(encoder_ops(s, w), rates)
+    encoders = encoder_seconds(s, w, rates)
     visual = _seconds(visual_ops(s, w), rates)
     data = _seconds(data_ops(s, w), rates)
     comm = unit_comm(s, w, cluster, rates)
@@ -242,7 +251,8 @@ def time_plan(s: ModelShapes, w: Workload, cluster: Cluster, rates: Rates) -> Ti
                                                           "attention rates; elementwise bytes / memory rate"),
         Phase("visual path (pooling, projection + fusion, fwd + bwd)", k * visual, "pooled shapes / rates"),
         Phase("LLM forward", k * (sum(forward) + _seconds([embed], rates) / 2 + loss),
-              "layer FLOPs and bytes / rates; fused loss on the supervised rows"),
+              f"layer FLOPs and bytes / rates; {w.loss} loss" + (" on the supervised rows" if w.loss == "fused"
+                                                                   else "")),
         Phase("LLM backward" + (f" (with {w.checkpointing} recompute)" if w.checkpointing != "off" else ""),
               k * (sum(backward) + _seconds([embed], rates) / 2), "BACKWARD_FACTOR x forward (+ recompute)"),
         Phase("FSDP2 collectives, exposed", exposed,
@@ -253,11 +263,12 @@ def time_plan(s: ModelShapes, w: Workload, cluster: Cluster, rates: Rates) -> Ti
     ]
     busy = sum(p.seconds for p in gpu_phases)
     frames = k * w.micro_batch * s.frames_sampled
-    workers = max(1.0, min(float(w.num_workers), rates.cpu_cores_per_gpu.value))
-    decode = frames / rates.decode_frames_s_per_core.value / workers
-    gpu_phases.append(Phase("decode, exposed (DataLoader workers beside the GPU)", max(0.0, decode - busy),
-                            f"{frames} frames / {rates.decode_frames_s_per_core.name} / {workers:g} workers = "
-                            f"{decode:.3f} s, overlapped with the step"))
+    workers = min(float(w.num_workers), rates.cpu_cores_per_gpu.value)
+    decode = frames / rates.decode_frames_s_per_core.value / max(1.0, workers)
+    exposed_decode = decode if w.num_workers == 0 else max(0.0, decode - busy)  # 0 workers: in the main process
+    gpu_phases.append(Phase("decode, exposed (DataLoader workers beside the GPU)", exposed_decode,
+                            f"{frames} frames / {rates.decode_frames_s_per_core.name} / {max(1.0, workers):g} "
+                            f"workers = {decode:.3f} s, overlapped with the step"))
     step = sum(p.seconds for p in gpu_phases)
     samples = k * w.micro_batch * w.world
     per_sample = float(sample_flops(s.config, round(w.text_tokens)).total)

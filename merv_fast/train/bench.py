@@ -141,6 +141,7 @@ def train_steps(preset: str, s: BenchSettings, batches) -> dict:
         "preset": preset,
         "text_tokens_per_sample": text_per_sample,
         "padded_text_tokens": max(widths),  # the widest micro-batch (its samples padded to its longest)
+        "padded_text_tokens_mean": sum(widths) / len(widths),  # text positions computed per sample, padding included
         "frame_bytes_per_sample": max(frame_bytes),  # decoded uint8 frames moved to the device
         "samples_per_s": samples_per_s,
         "tokens_per_s": samples_per_s * tokens_per_sample,
