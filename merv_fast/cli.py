@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     _model_args(p)
     p.add_argument("--recipe", default="merv-frozen", help="the training recipe (global batch, ...)")
     p.add_argument("--gpu", default="h100", help="h100 | h200 | a100 | l40s | cpu (rates from a results file)")
-    p.add_argument("--gpus-per-node", type=int, default=8)
+    p.add_argument("--gpus-per-node", type=int, default=None, help="default 8 (1 for --gpu cpu)")
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--interconnect", default="ib-400", help="between nodes: nvlink | ib-400 | ib-200 | eth-100")
     p.add_argument("--cpu-cores-per-node", type=int, default=None, help="default: the GPU's reference server")

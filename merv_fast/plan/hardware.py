@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from merv_fast.measure.ceilings import bytes_s_ceiling, flop_s_ceiling
+from merv_fast.measure.results import ResultsFile
 
 GB = 1e9
 
@@ -104,7 +105,8 @@ ALLOCATOR_HEADROOM = Figure("ALLOCATOR_HEADROOM", 0.10, "assumption: the caching
 # Decoding when no results file measured it: the committed CPU data area measured 254.8 frames/s per core.
 DECODE_FRAMES_S_PER_CORE = Figure("DECODE_FRAMES_S_PER_CORE", 254.76,
                                   "bench/results/2026-12-01_cpu-2core_data-full.json, decode+preprocess "
-                                  "cpu-decode(pyav)+native (2-core Xeon)")
+                                  "cpu-decode(pyav)+native (2-core Xeon) of the synthetic clips (at most 321x239): "
+                                  "larger videos decode slower")
 
 
 @dataclass
@@ -140,7 +142,7 @@ class Cluster:
 # ----------------------------------------------------------------------------------------------- results files
 def _read_results(path: Path) -> dict:
     try:
-        data = json.loads(path.read_text())
+        data = ResultsFile.open(path).data
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"results file {str(path)!r}: cannot read it ({err})") from None
     if not isinstance(data, dict) or not isinstance(data.get("results"), list):

@@ -101,6 +101,8 @@ def plan(model_cfg: ModelConfig, train: TrainConfig, cluster: Cluster, *, micro_
     from merv_fast.train.loop import default_micro_batch
 
     world = cluster.world
+    if cluster.gpu == "cpu" and world > 1:
+        raise ValueError("--gpu cpu plans one process: the model has no figures for collectives between CPUs")
     if train.global_batch_size % world:
         raise ValueError(f"global_batch_size {train.global_batch_size} is not a multiple of the {world} GPUs "
                          "(--set global_batch_size=N)")
@@ -146,7 +148,8 @@ def plan(model_cfg: ModelConfig, train: TrainConfig, cluster: Cluster, *, micro_
         base_cfg = baseline_config(model_cfg)
         base = run(micro, train.activation_checkpointing, train.hybrid_shard, shapes_of(base_cfg))
         out["baseline"] = {"preset": base_cfg.name, "step_s": base.time.step_s,
-                           "step_ratio": asked.time.step_s / base.time.step_s}
+                           "step_ratio": asked.time.step_s / base.time.step_s,
+                           "gpu_ratio": asked.time.busy_s / base.time.busy_s}
     return out
 
 
@@ -229,6 +232,11 @@ def recommend(table: dict[tuple, Evaluated], asked: Evaluated, cluster: Cluster,
                            f"{best.time.exposed_comm_s:.3f} vs {o.time.exposed_comm_s:.3f} s; shards of "
                            f"{w.shard_group} vs {o.workload.shard_group} ranks: memory "
                            f"{best.memory.needed_bytes / GIB:.1f} vs {o.memory.needed_bytes / GIB:.1f} GiB)")
+    decode = next(ph for ph in best.time.phases if ph.name.startswith("decode"))
+    if decode.seconds > 0:
+        reasons.append(f"decoding is exposed: {decode.seconds:.3f} s of the step waits for the DataLoader "
+                       f"({decode.basis}); raise num_workers (--set num_workers=N) up to the cores per GPU "
+                       f"({rates.cpu_cores_per_gpu.value:g})")
     mode, why = _encoder_mode(s, w, best.time.step_s, rates)
     reasons.append(why)
     if asked.memory.fits:
@@ -264,13 +272,14 @@ def _encoder_mode(s: ModelShapes, w: Workload, step_s: float, rates: Rates) -> t
 
 # ----------------------------------------------------------------------------------------------- printing
 def _gib(x: float) -> str:
-    return f"{x / GIB:8.2f} GiB"
+    return f"{x / GIB:8.2f} GiB" if x >= GIB / 10 else f"{x / 2**20:8.2f} MiB"
 
 
 def format_plan(p: dict[str, Any]) -> str:
     c, st, m, t = p["cluster"], p["settings"], p["memory"], p["time"]
-    lines = [f"merv-fast plan: {p['preset']} on {c['world']} x {c['gpu']} ({c['nodes']} node(s) x "
-             f"{c['gpus_per_node']}, {c['interconnect']}), sharding {st['sharding']}",
+    where = (f"{c['world']} x {c['gpu']} ({c['nodes']} node(s) x {c['gpus_per_node']}, {c['interconnect']})"
+             if c["gpu"] != "cpu" else "one CPU process")
+    lines = [f"merv-fast plan: {p['preset']} on {where}, sharding {st['sharding']}",
              f"micro-batch {st['micro_batch']} x {st['micro_batches_per_step']} per step (global batch "
              f"{st['global_batch_size']}), activation_checkpointing={st['activation_checkpointing']}, "
              f"{st['precision']}, text tokens mean {st['text_tokens_mean']:g} / longest {st['text_tokens_max']}, "
@@ -295,7 +304,8 @@ def format_plan(p: dict[str, Any]) -> str:
               f"  overlap: {t['overlap']}"]
     if "baseline" in p:
         b = p["baseline"]
-        lines.append(f"  MERV / single-encoder ({b['preset']}) step time: {b['step_ratio']:.2f}")
+        lines.append(f"  MERV / single-encoder ({b['preset']}) step time: {b['step_ratio']:.2f} "
+                     f"(GPU time without exposed decoding: {b['gpu_ratio']:.2f})")
     if "recommendation" in p:
         r = p["recommendation"]
         lines += ["", "recommendation:" if r["fits"] else "recommendation: nothing fits"]
@@ -320,7 +330,7 @@ class PlanRequest:
     overrides: list[str] | None = None  # `key=value`: training settings (TrainConfig) or model-config keys
     recipe: str = "merv-frozen"
     gpu: str = "h100"
-    gpus_per_node: int = 8
+    gpus_per_node: int | None = None  # default: 8, or 1 for the cpu device
     nodes: int = 1
     interconnect: str = "ib-400"
     cpu_cores_per_node: int | None = None
@@ -337,7 +347,8 @@ def run_request(r: PlanRequest) -> dict[str, Any]:
     train_over, model_over = split_overrides(parse_cli_overrides(r.overrides or []))
     model_cfg = load_config(r.preset, r.config, model_over)
     train = make_train_config(r.recipe, overrides=train_over, preset=model_cfg.name)
-    cluster = Cluster(r.gpu, r.gpus_per_node, r.nodes, r.interconnect, r.cpu_cores_per_node)
+    per_node = r.gpus_per_node if r.gpus_per_node is not None else (1 if r.gpu == "cpu" else 8)
+    cluster = Cluster(r.gpu, per_node, r.nodes, r.interconnect, r.cpu_cores_per_node)
     if r.micro_batch is not None and r.micro_batch < 1:
         raise ValueError(f"--micro-batch must be positive, got {r.micro_batch}")
     return plan(model_cfg, train, cluster, micro_batch=r.micro_batch, text_tokens=r.text_tokens,

@@ -193,6 +193,11 @@ class TimePlan:
     model_flops_per_sample: float
 
     @property
+    def busy_s(self) -> float:
+        """The step without its exposed decoding: what the device itself does."""
+        return self.step_s - sum(p.seconds for p in self.phases if p.name.startswith("decode"))
+
+    @property
     def comm_share(self) -> float:
         """Exposed communication over the step: what more bandwidth would buy back."""
         return self.exposed_comm_s / self.step_s if self.step_s else 0.0

@@ -80,7 +80,7 @@ def test_table_output_and_nothing_fits(capsys):
 
 
 def test_cpu_plans_use_measured_cpu_ceilings(capsys):
-    p = json.loads((main(["plan", "--preset", "tiny", "--gpu", "cpu", "--gpus-per-node", "1", "--set",
+    p = json.loads((main(["plan", "--preset", "tiny", "--gpu", "cpu", "--set",
                           "global_batch_size=2", "--text-tokens", "40", "--max-text-tokens", "64", "--json"]),
                     capsys.readouterr().out)[1])
     assert p["settings"]["precision"] == "fp32" and p["memory"]["fits"]
@@ -95,6 +95,8 @@ def test_cpu_plans_use_measured_cpu_ceilings(capsys):
     (["--set", "activation_checkpointing=some"], "activation_checkpointing"),
     (["--set", "llm.num_layerz=4"], "num_layerz"),
     (["--text-tokens", "4000"], "--max-text-tokens"),
+    (["--gpu", "cpu", "--gpus-per-node", "2"], "--gpu cpu"),
+    (["--results", "/nonexistent/results.json"], "/nonexistent/results.json"),
 ])
 def test_bad_input_is_one_clear_line(capsys, args, named):
     assert main(["plan", "--preset", "merv-7b", *args]) == 2
