@@ -3,8 +3,9 @@
 - `trainer-1b`, `trainer-7b`: `merv-fast train` itself (the FSDP2 trainer, not the bench's step) on the MERV preset
   and on its single-encoder baseline, same data and settings; step time, samples/s, tokens/s, MFU and peak memory from
   the runs' metrics.jsonl, warm-up steps dropped. Under torchrun over every GPU of the machine when it has more than
-  one (FSDP2 + NCCL + bf16 mixed precision); one process otherwise (the trainer shards nothing there). A second row,
-  `predicted vs measured`, holds `merv-fast plan`'s step time and peak memory for the same run (merv_fast/plan/check.py).
+  one (FSDP2 + NCCL + bf16 mixed precision); one process otherwise (the trainer shards nothing there). A second
+  row, `predicted vs measured`, holds `merv-fast plan`'s step time and peak memory for the same run
+  (merv_fast/plan/check.py).
 - `profile`: `merv-fast profile` (torch.profiler): the per-phase table of MERV vs its baseline as a row, and the
   phase-bar and encoder-timeline PNGs copied beside the results file.
 - `bench-<suite>`: each pytest-benchmark suite in bench/ with timing enabled, one area per file; one row per

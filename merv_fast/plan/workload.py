@@ -14,6 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from merv_fast.train.parallel import checkpointed_layer
+
 
 @dataclass(frozen=True)
 class Precision:
@@ -78,5 +80,4 @@ class Workload:
         return self.world > 1
 
     def checkpointed(self, layer: int) -> bool:
-        """The trainer's rule: full = every layer, selective = layers 0, 2, 4, ..., off = none."""
-        return self.checkpointing == "full" or (self.checkpointing == "selective" and layer % 2 == 0)
+        return checkpointed_layer(self.checkpointing, layer)

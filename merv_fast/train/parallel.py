@@ -172,8 +172,14 @@ def fsdp_units(module: TrainModule) -> list[nn.Module]:
     return [*decoder_layers(module.llm), module.visual, module]
 
 
+def checkpointed_layer(mode: str, index: int) -> bool:
+    """Whether decoder layer `index` is checkpointed: full = every layer; selective = every other layer (0, 2, ...);
+    off = none. `merv-fast plan` counts memory by the same rule."""
+    return mode == "full" or (mode == "selective" and index % 2 == 0)
+
+
 def apply_activation_checkpointing(llm: nn.Module, mode: str) -> None:
-    """full: every decoder layer; selective: every other layer (0, 2, ...); off: none."""
+    """Checkpoint the decoder layers `checkpointed_layer` picks."""
     if mode == "off":
         return
     import warnings
@@ -181,10 +187,8 @@ def apply_activation_checkpointing(llm: nn.Module, mode: str) -> None:
     with warnings.catch_warnings():  # transformers 5 renamed it (activation_checkpointing_enable); both work
         warnings.simplefilter("ignore", FutureWarning)
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if mode == "selective":
-        for i, layer in enumerate(decoder_layers(llm)):
-            if i % 2 == 1:
-                layer.gradient_checkpointing = False
+    for i, layer in enumerate(decoder_layers(llm)):
+        layer.gradient_checkpointing = checkpointed_layer(mode, i)
 
 
 def _dtype(name: str) -> torch.dtype:
