@@ -39,6 +39,22 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    if args.scaling_table:
+        from merv_fast.plan.scaling import scaling_command
+
+        return scaling_command(args.write, check=args.check)
+    from merv_fast.plan.planner import PlanRequest, format_plan, run_request
+
+    report = run_request(PlanRequest(
+        preset=args.preset or "merv-7b", config=args.config, overrides=args.overrides, recipe=args.recipe,
+        gpu=args.gpu, gpus_per_node=args.gpus_per_node, nodes=args.nodes, interconnect=args.interconnect,
+        cpu_cores_per_node=args.cpu_cores_per_node, micro_batch=args.micro_batch, text_tokens=args.text_tokens,
+        max_text_tokens=args.max_text_tokens, results=args.results))
+    print(json.dumps(report, indent=2) if args.json else format_plan(report))
+    return 0
+
+
 def cmd_bench(args) -> int:
     from merv_fast.config import parse_cli_overrides
     from merv_fast.train.bench import BenchSettings, run_bench
@@ -175,15 +191,11 @@ def cmd_train(args) -> int:
 def _train(args, signals) -> int:
     from merv_fast.config import load_config, parse_cli_overrides
     from merv_fast.train.checkpoint import CheckpointError
-    from merv_fast.train.config import TrainConfig, make_train_config
+    from merv_fast.train.config import make_train_config, split_overrides
     from merv_fast.train.loop import train
     from merv_fast.train.step import NonFiniteLossError
 
-    # --set keys that are training settings go to the TrainConfig; the rest are model-config overrides.
-    overrides = parse_cli_overrides(args.overrides)
-    train_keys = set(TrainConfig.__dataclass_fields__) - {"explicit"}
-    train_over = {k: v for k, v in overrides.items() if k.replace("-", "_").split(".")[0] in train_keys}
-    model_over = {k: v for k, v in overrides.items() if k not in train_over}
+    train_over, model_over = split_overrides(parse_cli_overrides(args.overrides))
     model_cfg = load_config(args.preset or "tiny", args.model_config, model_over)
     cfg = make_train_config(args.recipe, args.config, train_over, preset=model_cfg.name, data=args.data,
                             media_root=args.media_root, out=args.out, seed=args.seed, max_steps=args.max_steps,
@@ -243,6 +255,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--recipe", default=None, help="count trainable parameters and FLOPs as this recipe trains")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("plan", help="memory per GPU and time per step of a preset on a cluster, itemised, and the "
+                                    "settings to run (built on meta); --set takes training and model keys")
+    _model_args(p)
+    p.add_argument("--recipe", default="merv-frozen", help="the training recipe (global batch, ...)")
+    p.add_argument("--gpu", default="h100", help="h100 | h200 | a100 | l40s | cpu (rates from a results file)")
+    p.add_argument("--gpus-per-node", type=int, default=None, help="default 8 (1 for --gpu cpu)")
+    p.add_argument("--nodes", type=int, default=1)
+    p.add_argument("--interconnect", default="ib-400", help="between nodes: nvlink | ib-400 | ib-200 | eth-100")
+    p.add_argument("--cpu-cores-per-node", type=int, default=None, help="default: the GPU's reference server")
+    p.add_argument("--micro-batch", type=int, default=None, help="default: the trainer's choice")
+    p.add_argument("--text-tokens", type=float, default=128, help="mean text tokens per sample (time)")
+    p.add_argument("--max-text-tokens", type=int, default=None,
+                   help="the longest sample, planned for in memory (default: llm.max_text_tokens)")
+    p.add_argument("--results", action="append", default=[], metavar="FILE",
+                   help="results file(s) whose measured ceilings replace the device table's figures "
+                        "(default: bench/results files of the same GPU)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--scaling-table", action="store_true",
+                   help="the README's table of merv-7b on 8, 64 and 512 H100s (with --write README.md [--check])")
+    p.add_argument("--write", default=None, metavar="README.md")
+    p.add_argument("--check", action="store_true")
+    p.set_defaults(fn=cmd_plan)
 
     p = sub.add_parser("bench", help="training steps of MERV and its single-encoder baseline, side by side")
     p.add_argument("--preset", default=None, help="default: tiny on CPU, merv-1b on a GPU")

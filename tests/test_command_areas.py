@@ -19,6 +19,9 @@ def test_trainer_profile_and_bench_suite_areas_write_rows(tmp_path):
     assert trainer["config"]["steps_measured"] == 2 and trainer["config"]["ranks"] == 1
     assert set(trainer["config"]["phases_s"]["merv"]) >= {"encoders", "llm_forward", "backward", "optimizer"}
     assert not any("7b" in name for name in rows)  # full-size only: nothing measured on a CPU
+    planned = rows["predicted vs measured: merv-fast train tiny"]["config"]  # merv-fast plan beside the run
+    assert planned["predicted_step_ms"] > 0 and planned["ranks"] == 1 and planned["micro_batch"] == 2
+    assert 0 < planned["text_tokens_mean"] <= planned["text_tokens_max"]
 
     profiled = rows["profiled step tiny vs single-tiny"]
     merv_phases, base_phases = (profiled["config"]["phases_ms_per_step"][k] for k in ("merv", "baseline"))

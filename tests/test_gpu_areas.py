@@ -17,3 +17,10 @@ def test_visual_encoders_and_train_areas_write_rows(tmp_path):
     assert {f"{name} forward B=1 videos (2 layers)" for name in ("languagebind", "dinov2", "siglip")} <= set(rows)
     train = rows["training step tiny vs single-tiny"]
     assert train["samples_per_s"] > 0 and train["reference"]["name"].startswith("single-tiny")
+    # merv-fast plan's prediction of that step beside the measurement (peak memory: a CPU run has no allocator peak)
+    planned = rows["predicted vs measured: bench training step tiny"]["config"]
+    assert planned["predicted_step_ms"] > 0 and planned["precision"] == "fp32" and planned["text_tokens_max"] > 0
+    assert planned["step_error"] == round(planned["predicted_step_ms"] / rows["predicted vs measured: bench training "
+                                                                             "step tiny"]["ours"]["median_ms"] - 1, 3)
+    assert planned["measured_peak_bytes"] is None and planned["predicted_peak_bytes"] > 0
+    assert all(v.startswith("this run's") for v in planned["rates_from"].values())  # its own ceilings

@@ -3,7 +3,9 @@
 - `trainer-1b`, `trainer-7b`: `merv-fast train` itself (the FSDP2 trainer, not the bench's step) on the MERV preset
   and on its single-encoder baseline, same data and settings; step time, samples/s, tokens/s, MFU and peak memory from
   the runs' metrics.jsonl, warm-up steps dropped. Under torchrun over every GPU of the machine when it has more than
-  one (FSDP2 + NCCL + bf16 mixed precision); one process otherwise (the trainer shards nothing there).
+  one (FSDP2 + NCCL + bf16 mixed precision); one process otherwise (the trainer shards nothing there). A second
+  row, `predicted vs measured`, holds `merv-fast plan`'s step time and peak memory for the same run
+  (merv_fast/plan/check.py).
 - `profile`: `merv-fast profile` (torch.profiler): the per-phase table of MERV vs its baseline as a row, and the
   phase-bar and encoder-timeline PNGs copied beside the results file.
 - `bench-<suite>`: each pytest-benchmark suite in bench/ with timing enabled, one area per file; one row per
@@ -31,6 +33,7 @@ from merv_fast.measure.suite import MAX_BUDGET_S, SOURCE_ROOT, register_area
 from merv_fast.measure.timing import summarize
 
 GPU = torch.cuda.is_available()
+TRAIN_WORKERS = 4  # DataLoader workers per rank of the timed `merv-fast train` runs
 
 
 def _gpu_memory_gb() -> float:
@@ -48,7 +51,7 @@ def train_command(preset: str, data: str, out: str, *, steps: int, batch: int, e
     return [*launcher, "train", "--recipe", "merv-frozen", "--preset", preset, "--data", data, "--out", out,
             "--max-steps", str(steps), "--total-steps", "1000",
             "--set", f"global_batch_size={batch}", "--set", f"micro_batch_size={max(1, batch // ranks)}",
-            "--set", "num_workers=4", "--set", "keep_last=1", *extra]
+            "--set", f"num_workers={TRAIN_WORKERS}", "--set", "keep_last=1", *extra]
 
 
 def measured_steps(metrics_path: Path, warmup: int) -> list[dict]:
@@ -78,6 +81,7 @@ def trainer_area(results: ResultsFile, ceilings: dict, *, gpu_preset: str, cpu_p
                  min_memory_gb: float = 0.0) -> None:
     """`gpu_preset` on a GPU with at least `min_memory_gb`; `cpu_preset` on a CPU (None: a full-size-only area)."""
     from merv_fast.data.synth import synthesize
+    from merv_fast.plan.check import as_run, dataset_text_tokens, prediction_row, synthetic_frame_bytes
 
     preset = gpu_preset if GPU else cpu_preset
     if preset is None:
@@ -96,6 +100,8 @@ def trainer_area(results: ResultsFile, ceilings: dict, *, gpu_preset: str, cpu_p
         per_run = MAX_BUDGET_S * 0.45
         base = run_trainer(baseline, media["json"], work, steps=steps, warmup=warmup, batch=batch, timeout_s=per_run)
         merv = run_trainer(preset, media["json"], work, steps=steps, warmup=warmup, batch=batch, timeout_s=per_run)
+        model_cfg = as_run(preset)
+        text_mean, text_max = dataset_text_tokens(media["json"], media["media_root"], model_cfg)
     ranks = torch.cuda.device_count() if GPU else 1
     config = {"command": "merv-fast train --recipe merv-frozen", "preset": preset, "baseline": baseline,
               "global_batch": batch, "ranks": ranks, "fsdp2": ranks > 1, "steps_measured": len(merv),
@@ -110,6 +116,15 @@ def trainer_area(results: ResultsFile, ceilings: dict, *, gpu_preset: str, cpu_p
                        reference_name=f"{baseline} (merv-fast train, same data and settings)",
                        samples_per_s=_median(merv, "samples_per_s"), tokens_per_s=_median(merv, "tokens_per_s"),
                        mfu=_median(merv, "mfu")))
+    # `merv-fast plan`'s prediction of the same run (the trainer's prefetcher holds the next micro-batch too)
+    predicted = prediction_row(
+        f"merv-fast train {preset}", model_cfg, ranks=ranks, global_batch=batch, micro_batch=max(1, batch // ranks),
+        text_tokens=text_mean, max_text_tokens=text_max, checkpointing="full",
+        frame_bytes=synthetic_frame_bytes(model_cfg.visual.frames_sampled), prefetch=True, ceilings=ceilings,
+        step_times_s=[r["step_time_s"] for r in merv],
+        peak_bytes=config["peak_mem_bytes"]["merv"] if GPU else None, num_workers=TRAIN_WORKERS)
+    if predicted is not None:
+        results.append(predicted)
 
 
 # ----------------------------------------------------------------------------------------------- merv-fast profile

@@ -1,5 +1,6 @@
 """The GPU suite's measurement areas so far: the visual path, the frozen encoders, and the main job's training
-step (MERV vs its single-encoder baseline). Each runs in its own subprocess under the suite's time budget."""
+step (MERV vs its single-encoder baseline, and `merv-fast plan`'s prediction of it beside the measurement). Each runs
+in its own subprocess under the suite's time budget."""
 
 from __future__ import annotations
 
@@ -129,6 +130,7 @@ def encoders_area(results: ResultsFile, ceilings: dict) -> None:
 
 def train_area(results: ResultsFile, ceilings: dict) -> None:
     """The main job on the GPU: training steps of MERV and of its single-encoder baseline on the same data."""
+    from merv_fast.plan.check import as_run, prediction_row
     from merv_fast.train.bench import BenchSettings, run_bench
 
     with tempfile.TemporaryDirectory() as out:
@@ -145,6 +147,16 @@ def train_area(results: ResultsFile, ceilings: dict) -> None:
                        reference_name=f"{base['preset']} (same data and settings)",
                        flops=merv["flops_per_sample"] * report["config"]["batch_size"], ceilings=ceilings,
                        samples_per_s=merv["samples_per_s"], tokens_per_s=merv["tokens_per_s"], mfu=merv["mfu"]))
+    # `merv-fast plan`'s prediction of the same step (one process, the bench's batch and checkpointing)
+    batch = report["config"]["batch_size"]
+    predicted = prediction_row(
+        f"bench training step {merv['preset']}", as_run(merv["preset"]), ranks=1, global_batch=batch,
+        micro_batch=batch, text_tokens=merv["padded_text_tokens_mean"], max_text_tokens=merv["padded_text_tokens"],
+        checkpointing="full" if report["config"]["activation_checkpointing"] else "off",
+        frame_bytes=merv["frame_bytes_per_sample"], prefetch=False, ceilings=ceilings,
+        step_times_s=merv["step_times_s"], peak_bytes=merv["peak_mem_bytes"])
+    if predicted is not None:
+        results.append(predicted)
 
 
 import merv_fast.measure.smoke_areas  # noqa: E402,F401 - registers "kernel-smoke", which "train" follows

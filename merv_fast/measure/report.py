@@ -43,28 +43,33 @@ def readme_table(results_dir: str | Path) -> str:
     return head + results_table_markdown(files)
 
 
-def splice(text: str, table: str) -> str:
+def _block(text: str, begin_marker: str, end_marker: str) -> tuple[int, int]:
+    begin, end = text.find(begin_marker), text.find(end_marker)
+    if begin < 0 or end < 0 or end < begin:
+        raise ValueError(f"no `{begin_marker}` ... `{end_marker}` markers in the file")
+    return begin + len(begin_marker), end
+
+
+def splice(text: str, table: str, markers: tuple[str, str] = (BEGIN, END)) -> str:
     """`text` with the block between the markers replaced by `table`."""
-    begin, end = text.find(BEGIN), text.find(END)
-    if begin < 0 or end < 0 or end < begin:
-        raise ValueError(f"no `{BEGIN}` ... `{END}` markers in the file")
-    return text[:begin + len(BEGIN)] + "\n" + table + text[end:]
+    begin, end = _block(text, *markers)
+    return text[:begin] + "\n" + table + text[end:]
 
 
-def current_block(text: str) -> str:
-    begin, end = text.find(BEGIN), text.find(END)
-    if begin < 0 or end < 0 or end < begin:
-        raise ValueError(f"no `{BEGIN}` ... `{END}` markers in the file")
-    return text[begin + len(BEGIN) + 1:end]
+def current_block(text: str, markers: tuple[str, str] = (BEGIN, END)) -> str:
+    begin, end = _block(text, *markers)
+    return text[begin + 1:end]
 
 
-def update_readme(readme: str | Path, table: str, *, check: bool = False) -> bool:
-    """Write `table` between the README's markers; True when that changed the file (with check: would change)."""
+def update_readme(readme: str | Path, table: str, *, check: bool = False,
+                  markers: tuple[str, str] = (BEGIN, END)) -> bool:
+    """Write `table` between the README's markers; True when that changed the file (with check: would change).
+    `markers`: the performance table's by default (`merv-fast plan --scaling-table` passes its own)."""
     path = Path(readme)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist")
     text = path.read_text()
-    new = splice(text, table)
+    new = splice(text, table, markers)
     if new == text:
         return False
     if not check:

@@ -23,27 +23,41 @@ def _block_flops(tokens: int, width: int, intermediate: int) -> int:
     return 2 * tokens * (4 * width * width + 2 * width * intermediate)
 
 
-def encoder_forward_flops(enc: EncoderConfig) -> int:
-    """Forward FLOPs of one video through one encoder, up to the layer taken."""
+def encoder_sequences(enc: EncoderConfig) -> tuple[int, int]:
+    """(sequences, tokens per sequence) one video makes in the encoder's spatial attention."""
+    h, w = enc.grid
+    if enc.tubelet > 1:  # ViViT: one sequence over all tubelets plus CLS
+        return 1, enc.time_steps * h * w + 1
+    prefix = 0 if enc.name == "siglip" else 1 + enc.registers  # CLS + registers + patches (SigLIP has no CLS)
+    return enc.frames, h * w + prefix
+
+
+def encoder_flop_parts(enc: EncoderConfig) -> tuple[int, int]:
+    """(matrix products, attention scores and mixing): forward FLOPs of one video through one encoder, up to the
+    layer taken. Their sum is `encoder_forward_flops`."""
     c, layers = enc.hidden_size, enc.layers_run
     h, w = enc.patch_grid
     patches = enc.time_steps * h * w
     patch_embed = 2 * patches * (3 * enc.tubelet * enc.patch_size**2) * c
-    if enc.tubelet > 1:  # ViViT: one sequence over all tubelets plus CLS
-        sequences, seq_len = 1, patches + 1
-    else:  # one sequence per frame: CLS + registers + patches (SigLIP has no CLS)
-        prefix = 0 if enc.name == "siglip" else 1 + enc.registers
-        sequences, seq_len = enc.frames, h * w + prefix
+    sequences, seq_len = encoder_sequences(enc)
     tokens = sequences * seq_len
-    per_layer = _block_flops(tokens, c, enc.intermediate_size) + sequences * 4 * seq_len**2 * c
+    products = _block_flops(tokens, c, enc.intermediate_size)
+    attention = sequences * 4 * seq_len**2 * c
     if enc.clip_frames:  # temporal attention: projections on every token, scores within each clip
         clips = enc.frames // enc.clip_frames
-        per_layer += 2 * tokens * 4 * c * c + clips * seq_len * 4 * enc.clip_frames**2 * c
-    head = 0
+        products += 2 * tokens * 4 * c * c
+        attention += clips * seq_len * 4 * enc.clip_frames**2 * c
+    head_products = head_attention = 0
     if enc.output == "pooled":  # SigLIP's MAP head: one query over the frame's tokens, then its MLP
         seq = h * w
-        head = enc.frames * (2 * seq * c * 2 * c + 4 * c * c + 4 * seq * c + 2 * 2 * c * enc.intermediate_size)
-    return patch_embed + layers * per_layer + head
+        head_products = enc.frames * (2 * seq * c * 2 * c + 4 * c * c + 2 * 2 * c * enc.intermediate_size)
+        head_attention = enc.frames * 4 * seq * c
+    return patch_embed + layers * products + head_products, layers * attention + head_attention
+
+
+def encoder_forward_flops(enc: EncoderConfig) -> int:
+    """Forward FLOPs of one video through one encoder, up to the layer taken."""
+    return sum(encoder_flop_parts(enc))
 
 
 def llm_params(llm: LLMConfig) -> tuple[int, int]:

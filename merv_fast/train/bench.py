@@ -112,7 +112,7 @@ def train_steps(preset: str, s: BenchSettings, batches) -> dict:
     runner = StepRunner(preset, s)
     device, gpu, cfg = runner.device, runner.gpu, runner.config
     timer = PhaseTimer(device)
-    step_times, phase_rows, losses, text_tokens = [], [], [], []
+    step_times, phase_rows, losses, text_tokens, widths, frame_bytes = [], [], [], [], [], []
     if gpu:
         torch.cuda.reset_peak_memory_stats(device)
     total = s.warmup + s.steps
@@ -128,6 +128,9 @@ def train_steps(preset: str, s: BenchSettings, batches) -> dict:
             phases[OTHER] = max(elapsed - sum(phases.get(p, 0.0) for p in PHASES), 0.0)
             phase_rows.append(phases)
             losses.append(loss.item())
+            widths.append(batch.input_ids.shape[1])
+            frames = batch.frames if isinstance(batch.frames, (list, tuple)) else [batch.frames]
+            frame_bytes.append(sum(f.numel() * f.element_size() for f in frames) / s.batch_size)
         else:
             text_tokens.pop()  # only the measured steps count
         if not torch.isfinite(loss):
@@ -143,6 +146,9 @@ def train_steps(preset: str, s: BenchSettings, batches) -> dict:
     return {
         "preset": preset,
         "text_tokens_per_sample": text_per_sample,
+        "padded_text_tokens": max(widths),  # the widest micro-batch (its samples padded to its longest)
+        "padded_text_tokens_mean": sum(widths) / len(widths),  # text positions computed per sample, padding included
+        "frame_bytes_per_sample": max(frame_bytes),  # decoded uint8 frames moved to the device
         "samples_per_s": samples_per_s,
         "tokens_per_s": samples_per_s * tokens_per_sample,
         "step_time_s": step,

@@ -201,6 +201,10 @@ def _set_debug(debug: DebugConfig, key: str, value: Any) -> None:
         if name not in known:
             raise ConfigError(f"unknown training key 'debug.{name}'; debug keys: {known}")
         setattr(debug, name, v)
+def split_overrides(overrides: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`--set` keys of `merv-fast train` / `plan`: (training settings for the TrainConfig, model-config overrides)."""
+    train = {k: v for k, v in overrides.items() if k.replace("-", "_").split(".")[0] in _FIELDS}  # debug.* too
+    return train, {k: v for k, v in overrides.items() if k not in train}
 
 
 def make_train_config(recipe: str = "merv-frozen", config_file: str | Path | None = None,

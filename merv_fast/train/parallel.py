@@ -173,17 +173,25 @@ def enable_checkpointing(llm: nn.Module) -> None:
         llm.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+def fsdp_units(module: TrainModule) -> list[nn.Module]:
+    """The modules `shard_model` makes FSDP2 units of, in the order it wraps them: every LLM decoder layer, the
+    visual path, then the root (`module`: the parameters no other unit holds). The planner counts the same units."""
+    return [*decoder_layers(module.llm), module.visual, module]
+
+
+def checkpointed_layer(mode: str, index: int) -> bool:
+    """Whether decoder layer `index` is checkpointed: full = every layer; selective = every other layer (0, 2, ...);
+    off = none. `merv-fast plan` counts memory by the same rule."""
+    return mode == "full" or (mode == "selective" and index % 2 == 0)
 
 
 def apply_activation_checkpointing(llm: nn.Module, mode: str) -> None:
-    """full: every decoder layer; selective: every other layer (0, 2, ...); off: none."""
+    """Checkpoint the decoder layers `checkpointed_layer` picks."""
     if mode == "off":
         return
     enable_checkpointing(llm)
-    if mode == "selective":
-        for i, layer in enumerate(decoder_layers(llm)):
-            if i % 2 == 1:
-                layer.gradient_checkpointing = False
+    for i, layer in enumerate(decoder_layers(llm)):
+        layer.gradient_checkpointing = checkpointed_layer(mode, i)
 
 
 def _dtype(name: str) -> torch.dtype:
@@ -219,11 +227,12 @@ def shard_model(module: TrainModule, info: DistInfo, *, param_dtype: str = "bflo
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=_dtype(param_dtype), reduce_dtype=_dtype(reduce_dtype))
     if cpu_offload:
         kwargs["offload_policy"] = CPUOffloadPolicy()
-    for i, layer in enumerate(layers):
+    *layer_units, visual, root = fsdp_units(module)
+    for i, layer in enumerate(layer_units):
         # The last layer's parameters are needed again right away in backward: keep them gathered (torchtitan's rule).
-        fully_shard(layer, reshard_after_forward=i < len(layers) - 1, **kwargs)
-    fully_shard(module.visual, **kwargs)
-    fully_shard(module, **kwargs)
+        fully_shard(layer, reshard_after_forward=i < len(layer_units) - 1, **kwargs)
+    fully_shard(visual, **kwargs)
+    fully_shard(root, **kwargs)
     return module
 
 
