@@ -120,7 +120,7 @@ def trainer_area(results: ResultsFile, ceilings: dict, *, gpu_preset: str, cpu_p
     predicted = prediction_row(
         f"merv-fast train {preset}", model_cfg, ranks=ranks, global_batch=batch, micro_batch=max(1, batch // ranks),
         text_tokens=text_mean, max_text_tokens=text_max, checkpointing="full",
-        frame_bytes=synthetic_frame_bytes(model_cfg.visual.frames_sampled), prefetch=True, ceilings=ceilings,
+        frame_bytes=synthetic_frame_bytes(model_cfg.frames_sampled), prefetch=True, ceilings=ceilings,
         step_times_s=[r["step_time_s"] for r in merv],
         peak_bytes=config["peak_mem_bytes"]["merv"] if GPU else None, num_workers=TRAIN_WORKERS)
     if predicted is not None:

@@ -43,9 +43,9 @@ def synthetic_frame_bytes(frames_sampled: int) -> int:
 def dataset_text_tokens(data_json: str, media_root: str, model_cfg: ModelConfig) -> tuple[float, int]:
     """(mean, longest) text tokens of a dataset's video samples, tokenized as the trainer tokenizes them."""
     from merv_fast.data.dataset import VideoLLaVADataset, load_entries
-    from merv_fast.train.loop import build_tokenizer_for
+    from merv_fast.model.llm import training_tokenizer
 
-    dataset = VideoLLaVADataset(load_entries(data_json), media_root, build_tokenizer_for(model_cfg),
+    dataset = VideoLLaVADataset(load_entries(data_json), media_root, training_tokenizer(model_cfg.llm),
                                 prompt_format=model_cfg.llm.prompt_format, max_length=model_cfg.llm.max_text_tokens)
     lengths = [n for kind, n in dataset.modality_lengths("tokens") if kind == "video"]
     return sum(lengths) / len(lengths), max(lengths)

@@ -138,5 +138,5 @@ def model_shapes(cfg: ModelConfig) -> ModelShapes:
         config=cfg, units=tuple(units), encoders=tuple(encoders), hidden=llm.hidden_size,
         kv_width=attn.k_proj.out_features, heads=llm.num_attention_heads, intermediate=mlp.gate_proj.out_features,
         layers=len(layers), vocab=model.llm.get_output_embeddings().weight.shape[0],
-        visual_tokens=cfg.visual.num_tokens, pooled_width=sum(e.hidden_size for e in cfg.encoders),
-        frames_sampled=cfg.visual.frames_sampled)
+        visual_tokens=cfg.num_visual_tokens, pooled_width=sum(e.hidden_size for e in cfg.encoders),
+        frames_sampled=cfg.frames_sampled)
