@@ -156,7 +156,7 @@ setup(
     ext_modules=[CMakeExtension(NATIVE_NAME)],
     cmdclass={"build_ext": CMakeBuild},
     entry_points={"console_scripts": ["merv-fast = merv_fast.cli:main"]},
-    install_requires=["torch>=2.11", "transformers>=4.46", "safetensors", "pyyaml", "numpy", "pillow", "matplotlib"],
+    install_requires=["torch>=2.11", "transformers>=5.9", "safetensors", "pyyaml", "numpy", "pillow", "matplotlib"],
     # decord: the release's decoder, only for the release-style baseline loader the benchmarks compare against.
     # kernels: Hugging Face's kernel hub, which transformers imports; the tests prove the checkout's kernels/ folder
     # never shadows it. DALI: GPU decoding (NVDEC) and its CPU decoder, where NVIDIA publishes wheels (Linux).

@@ -34,6 +34,19 @@ def apply_recipe(model, recipe: str) -> str:
     return stage.release
 
 
+def check_stage_fits(stage: Stage, recipe: str, model_cfg) -> None:
+    """A stage that continues an align run (finetune, second_finetune) needs an architecture that has one: the
+    release's `load_from_checkpoint` loads nothing at all for a `no-align` specifier (merv.py:399-401), which is
+    recipe merv-frozen's single stage; refused rather than loading what the release would not."""
+    from merv_fast.config import ConfigError
+
+    if stage.init_required and model_cfg.visual.arch.startswith("no-align"):
+        raise ConfigError(f"recipe {recipe!r} (the release's {stage.release!r} stage) continues an align run, but "
+                          f"visual.arch={model_cfg.visual.arch!r} has no align stage: the release loads no weights "
+                          "for a no-align architecture (merv/models/vidlms/merv.py:399-401). Train it with recipe "
+                          "merv-frozen, or use an architecture without `no-align+` (merv-full's '3davg+linear')")
+
+
 def load_initial_weights(model, path: str | Path, stage: Stage) -> dict:
     """Load `init_from` as `stage` does (every trained weight, strictly, or only the projectors); returns the record
     of what was read (run records keep it)."""

@@ -154,13 +154,14 @@ def test_align_then_finetune_through_merv_fast_train(tmp_path):
     from merv_fast.data.synth import synthesize
 
     data = synthesize(tmp_path / "data", videos=1, images=2, texts=0, seed=0, captions=True)["json"]
-    common = ["train", "--preset", "tiny", "--data", data, "--max-steps", "1", "--set", "num_workers=0",
+    # merv-full: the architecture with an align stage (merv-base's `no-align+` has none)
+    common = ["train", "--preset", "merv-full-tiny", "--data", data, "--max-steps", "1", "--set", "num_workers=0",
               "--set", "kernels=torch", "--set", "global_batch_size=2", "--set", "activation_checkpointing=off"]
     assert main(common + ["--recipe", "align", "--set", "warmup_ratio=0", "--out", str(tmp_path / "align")]) == 0
     assert main(common + ["--recipe", "finetune", "--init-from", str(tmp_path / "align"), "--set", "lr=0",
                           "--out", str(tmp_path / "finetune")]) == 0
     torch.manual_seed(0)  # the trainer's seed: both runs start from this model
-    fresh = build_model(config=load_config("tiny", overrides={"kernels": "torch"})).state_dict()
+    fresh = build_model(config=load_config("merv-full-tiny", overrides={"kernels": "torch"})).state_dict()
     aligned = load_file(str(tmp_path / "align" / "model.safetensors"))
     finetuned = load_file(str(tmp_path / "finetune" / "model.safetensors"))
     assert json.loads((tmp_path / "finetune" / "summary.json").read_text())["stage"] == "finetune"
@@ -173,3 +174,14 @@ def test_align_then_finetune_through_merv_fast_train(tmp_path):
             assert torch.equal(value, fresh[name]), name
     assert not torch.equal(aligned["visual.projectors.0.weight"], fresh["visual.projectors.0.weight"])
     assert not torch.equal(aligned["visual.fusion.query"], fresh["visual.fusion.query"])
+
+
+def test_finetune_of_a_no_align_architecture_is_refused(tmp_path, capsys):
+    """The release's load_from_checkpoint loads nothing for a `no-align+` specifier (merv.py:399-401): a finetune of
+    merv-base is recipe merv-frozen, said in one line before anything is built."""
+    from merv_fast.cli import main
+
+    assert main(["train", "--recipe", "finetune", "--preset", "tiny", "--init-from", str(tmp_path / "nothing"),
+                 "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no-align" in err and "merv-frozen" in err and "399-401" in err
