@@ -25,7 +25,7 @@ def test_info_counts_as_a_recipe_trains_and_names_the_llm(capsys):
     assert (align["recipe"], align["stage"]) == ("align", "align")
     llm, llm_full = align["modules"]["llm"], full["modules"]["llm"]
     assert llm["trainable"] == 0 and llm["frozen"] == llm_full["trainable"] > 7.6e9  # frozen in align
-    assert align["modules"]["visual (projectors + fusion)"]["trainable"] > 0
+    assert align["modules"]["visual (poolers, projectors, fusion)"]["trainable"] > 0
     assert llm["flops_per_sample"] < llm_full["flops_per_sample"]  # no weight gradients
     assert main(["info", "--preset", "tiny", "--recipe", "pretrain"]) == 2
     assert "unknown recipe 'pretrain'" in capsys.readouterr().err
