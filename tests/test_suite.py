@@ -170,7 +170,8 @@ def test_kernel_smoke_runs_in_order_on_cpu_within_the_time_limit(tmp_path):
     [results] = tmp_path.glob("*_gpu-suite.json")
     state = json.loads(results.with_suffix(".state.json").read_text())["areas"]
     assert list(state) == ["env", "ceilings", "kernel-smoke"]
-    assert sum(a["seconds"] for a in state.values()) <= min(elapsed, 420)
+    # each area's seconds are stored rounded to 0.1 s: the sum may exceed the wall time by 0.05 s per area, no more
+    assert sum(a["seconds"] for a in state.values()) <= min(elapsed, 420) + 0.05 * len(state)
     rows = {r["name"]: r["tests"] for r in json.loads(results.read_text())["results"]}
     for name in ("preprocess", "pool_concat forward", "pool_concat backward", "project_fuse forward+backward",
                  "rms_norm forward+backward", "swiglu forward+backward", "rope forward+backward",
