@@ -7,7 +7,9 @@ may pick. Each kernel module says which launches the model makes with a function
 
     aot_launches(model: ModelShapes) -> None      # calls the module's own launchers on meta tensors
 
-so the recorded arguments are the launchers' own (strides, block sizes, flags), not a copy of them.
+so the recorded arguments are the launchers' own (strides, block sizes, flags), not a copy of them. Launches are
+recorded per target (`recording(arch)` pins `dispatch.target_arch`): a launcher may pick another variant for sm_90
+than for sm_80 (TMA loads), and each target compiles what it would run.
 
 `compile_launch` then builds one recorded launch for a target (sm_90 or sm_80) the way the JIT does: the same
 argument specialization (`create_function_from_signature` and `_pack_args`, the JIT's binder: ints equal to 1 become
@@ -32,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from .dispatch import interpreter_compat, interpreter_enabled
+from .dispatch import interpreter_compat, interpreter_enabled, use_target
 from .preprocess import EncoderInputSpec
 
 # The CUDA limits the check holds each compiled kernel to: the largest shared memory one block may opt in to, and
@@ -97,6 +99,8 @@ def launch(kernel, grid, *args, **kwargs):
     if sink is None:
         if interpreter_enabled():
             interpreter_compat()
+        else:
+            ensure_scratch_allocator()
         return kernel[grid](*args, **kwargs)
     configs = getattr(kernel, "configs", None)
     fn = getattr(kernel, "fn", kernel) if configs is not None else kernel
@@ -110,26 +114,48 @@ def kernel_name(fn) -> str:
     return f"{python_fn.__module__.rsplit('.', 1)[-1]}.{python_fn.__name__}"
 
 
+def _torch_scratch(size: int, alignment: int, stream: int | None) -> torch.Tensor:
+    # torch's caching allocator, on the current device and stream (the ones triton launches on); its blocks are
+    # 512-byte aligned, more than any alignment triton asks for (128 for a TMA descriptor).
+    return torch.empty(size, dtype=torch.int8, device="cuda")
+
+
+def ensure_scratch_allocator() -> None:
+    """Give triton an allocator for kernels that need global scratch memory at launch (a TMA descriptor made in the
+    kernel lives there) where none is set. triton keeps it in a ContextVar (`triton.set_allocator`), so a thread that
+    never set one has none, e.g. the autograd engine's thread that runs the backward on CUDA: checked per launch, in
+    the launching thread. An allocator the caller set stays."""
+    import triton
+    from triton.runtime import _allocation
+
+    current = getattr(_allocation, "_allocator", None)
+    null = getattr(_allocation, "NullAllocator", None)
+    if current is None or null is None or isinstance(current.get(), null):
+        triton.set_allocator(_torch_scratch)
+
+
 @contextlib.contextmanager
-def recording() -> Iterator[list[RecordedLaunch]]:
-    """Collect the launches made in the block (nothing runs). Launchers must see the GPU path, not the interpreter's."""
+def recording(target: int) -> Iterator[list[RecordedLaunch]]:
+    """Collect the launches made in the block (nothing runs), built as for sm_<target>. Launchers must see the GPU
+    path, not the interpreter's."""
     if interpreter_enabled():
         raise RuntimeError("recording launches for AOT compilation needs TRITON_INTERPRET unset: the interpreter "
                            "path launches other block sizes than a GPU")
     sink: list[RecordedLaunch] = []
     token = _recording.set(sink)
     try:
-        yield sink
+        with use_target(target):
+            yield sink
     finally:
         _recording.reset(token)
 
 
-def record_module(module, model: ModelShapes) -> list[RecordedLaunch]:
-    """The launches `module.aot_launches(model)` makes."""
+def record_module(module, model: ModelShapes, target: int) -> list[RecordedLaunch]:
+    """The launches `module.aot_launches(model)` makes on sm_<target>."""
     spec = getattr(module, LAUNCH_SPEC, None)
     if spec is None:
         raise LookupError(f"{module.__name__} holds Triton kernels but defines no `{LAUNCH_SPEC}(model)` launch spec")
-    with recording() as launches:
+    with recording(target) as launches:
         spec(model)
     return launches
 

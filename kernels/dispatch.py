@@ -11,6 +11,11 @@ The requested backend is one of `auto | triton | torch`, taken from the first of
   triton -> triton, or a BackendError saying why it cannot run (no triton package, CPU tensors without the
             interpreter);
   torch  -> torch.
+
+Within Triton, a kernel may have a variant for newer GPUs (TMA loads on sm_90). `target_arch(tensor)` says which
+generation a launch is built for: the CUDA device's compute capability (90 for H100), or the one pinned by
+`use_target(arch)` (the AOT check records each target's launches this way; tests run a variant in the
+interpreter); None for CPU tensors. `tma_compatible(tensor)` says whether a TMA descriptor may address a tensor.
 """
 
 from __future__ import annotations
@@ -136,3 +141,43 @@ def resolve_backend(*tensors: torch.Tensor) -> str:
         raise BackendError(f"kernel backend 'triton' was requested ({source}) for CPU tensors; Triton kernels run "
                            f"on CUDA tensors, or on CPU with TRITON_INTERPRET=1 (Triton's interpreter)")
     return "triton"
+
+
+# The pinned target, like `_pinned` a ContextVar: a recording in one thread does not change another thread's launches.
+_pinned_target: contextvars.ContextVar[int | None] = contextvars.ContextVar("merv_fast_kernels_target", default=None)
+
+
+@contextlib.contextmanager
+def use_target(arch: int) -> Iterator[None]:
+    """Build launches inside the block as for sm_<arch> (90: H100), whatever the device."""
+    token = _pinned_target.set(int(arch))
+    try:
+        yield
+    finally:
+        _pinned_target.reset(token)
+
+
+def target_arch(tensor: torch.Tensor) -> int | None:
+    """The GPU generation a launch on this tensor is built for: the pinned one, else its CUDA device's compute
+    capability as major * 10 + minor; None for a CPU tensor (the interpreter: the portable variant)."""
+    pinned = _pinned_target.get()
+    if pinned is not None:
+        return pinned
+    if not tensor.is_cuda:
+        return None
+    major, minor = torch.cuda.get_device_capability(tensor.device)
+    return major * 10 + minor
+
+
+# The Tensor Memory Accelerator (sm_90 and newer) copies tiles described by a descriptor whose base address and
+# strides (all but the innermost, which must be 1) are multiples of 16 bytes.
+TMA_MIN_ARCH = 90
+TMA_ALIGNMENT = 16
+
+
+def tma_compatible(tensor: torch.Tensor) -> bool:
+    """A TMA descriptor may address this tensor: 16-byte aligned base, innermost stride 1, other strides multiples
+    of 16 bytes (an odd channel count in half precision, or a column slice of a wider buffer, is not)."""
+    size = tensor.element_size()
+    return (tensor.data_ptr() % TMA_ALIGNMENT == 0 and tensor.stride(-1) == 1
+            and all(stride * size % TMA_ALIGNMENT == 0 for stride in tensor.stride()[:-1]))

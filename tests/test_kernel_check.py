@@ -30,6 +30,12 @@ def test_every_kernel_compiles_for_sm90_and_sm80_without_spills(report):
         if r["kernel"].split(".")[0] in ("pooling", "project_fuse_triton"):
             assert r["tensor_core"] == {"sm_90": "wgmma", "sm_80": "mma"}[r["target"]] or (
                 r["target"] == "sm_90" and r["tensor_core"] == "mma"), r
+    # The projection's GEMMs copy their tiles with TMA on sm_90 (the PTX has cp.async.bulk.tensor), not on sm_80.
+    fuse_rows = [r for r in report["rows"] if r["kernel"].startswith("project_fuse_triton.")]
+    assert {r["kernel"] for r in fuse_rows} == {f"project_fuse_triton._{name}_kernel"
+                                                for name in ("forward", "weight_mix_grad", "pooled_grad")}
+    assert all(r["tma"] == (r["target"] == "sm_90") for r in fuse_rows), [
+        (r["kernel"], r["config"], r["target"], r["tma"]) for r in fuse_rows]
 
 
 def test_a_compilation_redone_without_the_cache_agrees(report):
@@ -74,14 +80,14 @@ def test_kernels_are_found_in_both_forms_and_one_without_a_spec_fails(tmp_path):
     assert row["problems"] and "no launch spec" in row["problems"][0]
     module = type(textwrap)("no_spec")
     with pytest.raises(LookupError, match="aot_launches"):
-        aot.record_module(module, kernel_check.model_shapes("merv-1b", kernel_check.DTYPES[0]))
+        aot.record_module(module, kernel_check.model_shapes("merv-1b", kernel_check.DTYPES[0]), 90)
 
 
 def test_recording_sees_the_gpu_launches_and_every_autotune_config():
     from merv_fast.kernels import pooling
 
     shapes = kernel_check.model_shapes("merv-7b", kernel_check.DTYPES[0])
-    launches = aot.record_module(pooling, shapes)
+    launches = aot.record_module(pooling, shapes, 90)
     forward = [launch for launch in launches if launch.kernel == "pooling._pool_forward_kernel"]
     assert len(forward) == len(shapes.encoders) == 4
     assert len(forward[0].configs) == len(pooling._FORWARD_CONFIGS)

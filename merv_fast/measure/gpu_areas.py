@@ -91,8 +91,36 @@ def visual_area(results: ResultsFile, ceilings: dict) -> None:
                           "median_ms": floor.median_ms}
             r["ratio_to_floor"] = round(r["ours"]["median_ms"] / floor.median_ms, 3)
             results.append(r)
+        if FULL and batch == 8:
+            _tma_vs_pointer(results, ceilings, pooled[0][0], k, d, config)
         del feats, pooled
         release_memory()
+
+
+def _tma_vs_pointer(results: ResultsFile, ceilings: dict, pooled: torch.Tensor, k: int, d: int, config: dict) -> None:
+    """On sm_90 and newer, each projection kernel in the variant the GPU runs (TMA) vs its pointer variant (the
+    sm_80 path), each autotuned on its own: whether TMA pays. The launchers are called directly, not through
+    autograd, whose backward thread would not see `use_target`."""
+    from merv_fast.kernels import project_fuse_triton as kernels
+    from merv_fast.kernels.dispatch import TMA_MIN_ARCH, target_arch, use_target
+
+    if (target_arch(pooled) or 0) < TMA_MIN_ARCH:
+        return
+    b, length, _ = pooled.shape
+    weight = torch.randn(d, k, device=DEVICE, dtype=pooled.dtype) * k**-0.5
+    grad_out = torch.randn(b, length, d, device=DEVICE, dtype=pooled.dtype)
+    scales, bias_mix = torch.rand(b, k, device=DEVICE), torch.randn(b, d, device=DEVICE)
+    launches = {"forward": lambda: kernels.forward(pooled, scales, weight, bias_mix),
+                "weight+mix gradient": lambda: kernels.weight_mix_grad(pooled, grad_out, scales, weight, True),
+                "pooled gradient": lambda: kernels.pooled_grad(grad_out, scales, weight)}
+    variant = "tma" if kernels.uses_tma(pooled, weight, grad_out) else "pointer (tensors not 16-byte aligned)"
+    for name, fn in launches.items():
+        with use_target(80):
+            pointer = measure(fn)
+        results.append(row("kernels", f"project_fuse {name} kernel: TMA vs pointer loads B={b}",
+                           {**config, "variant": variant}, measure(fn), pointer,
+                           reference_name="the same kernel with pointer loads (its sm_80 variant)",
+                           flops=2 * b * length * k * d, ceilings=ceilings))
 
 
 def _gemm_floor(rows: int, k: int, d: int, dtype, backward: bool):
@@ -164,5 +192,5 @@ import merv_fast.measure.smoke_areas  # noqa: E402,F401 - registers "kernel-smok
 # The headline first: the training step right after the kernel smoke test, then the visual path; the encoders'
 # forward after the full GPU tests (estimates: seconds on an H100, model builds and first compiles included).
 register_area("train", train_area, budget_s=300, after="kernel-smoke", estimate_s=180)
-register_area("visual", visual_area, budget_s=240, after="train", estimate_s=90)
+register_area("visual", visual_area, budget_s=240, after="train", estimate_s=120)
 register_area("encoders", encoders_area, budget_s=240, after="gpu-tests", estimate_s=60)

@@ -3,8 +3,9 @@
     merv-fast kernels check [--targets 90,80] [--json] [--workers N] [--no-cache]
     merv-fast kernels table [--write README.md] [--check]
 
-For each preset in PRESETS and each dtype in DTYPES, each kernel module's `aot_launches` records the launches the
-model makes at those shapes (kernels/aot.py), with every config its autotuner may pick; every distinct compilation
+For each preset in PRESETS, each dtype in DTYPES and each target, each kernel module's `aot_launches` records the
+launches the model makes at those shapes on that target (kernels/aot.py: sm_90 may take a TMA variant), with every
+config its autotuner may pick; every distinct compilation
 (the JIT's own specialization of the arguments decides what is distinct) is built for each target with the ptxas in
 the triton wheel. One row per (kernel, config, target): the most registers and spill bytes over its compilations,
 shared memory, the tensor-core instruction, TMA. The check fails on a compile error, a spill, shared memory over the
@@ -64,20 +65,23 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _launches(preset: str, dtype_name: str, module: str):
+def _launches(preset: str, dtype_name: str, module: str, target: int):
     from merv_fast.kernels import aot
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype_name]
-    return aot.record_module(importlib.import_module(f"merv_fast.kernels.{module}"), model_shapes(preset, dtype))
+    return aot.record_module(importlib.import_module(f"merv_fast.kernels.{module}"), model_shapes(preset, dtype),
+                             target)
 
 
 @dataclasses.dataclass(frozen=True)
 class Locator:
-    """Where a compilation comes from: the n-th launch of a module's spec at a preset and dtype, one config."""
+    """Where a compilation comes from: the n-th launch of a module's spec at a preset and dtype on a target, one
+    config."""
 
     preset: str
     dtype: str
     module: str
+    target: int
     launch: int
     config: int
 
@@ -120,16 +124,16 @@ def plan(targets: tuple[int, ...], only: str | None = None) -> tuple[list[Compil
     for preset in PRESETS:
         for dtype in DTYPES:
             for module in modules:
-                for n, launch in enumerate(_launches(preset, _dtype_name(dtype), module)):
-                    if launch.kernel not in found:
-                        continue
-                    launched.add(launch.kernel)
-                    for c, config in enumerate(launch.configs):
-                        for target in targets:
+                for target in targets:
+                    for n, launch in enumerate(_launches(preset, _dtype_name(dtype), module, target)):
+                        if launch.kernel not in found:
+                            continue
+                        launched.add(launch.kernel)
+                        for c, config in enumerate(launch.configs):
                             key = aot.compile_key(launch.fn, launch.args, {**launch.kwargs, **config}, target)
                             entry = compilations.setdefault(key, Compilation(
                                 launch.kernel, aot.config_label(config), target, key,
-                                Locator(preset, _dtype_name(dtype), module, n, c)))
+                                Locator(preset, _dtype_name(dtype), module, target, n, c)))
                             entry.cases.add(f"{preset} {_dtype_name(dtype)}")
     return list(compilations.values()), sorted(set(found) - launched)
 
@@ -146,7 +150,7 @@ def _compile(where: Locator, target: int) -> dict:
     """In a worker: rebuild the launch (recording is cheap and deterministic) and compile it."""
     from merv_fast.kernels import aot
 
-    launch = _launches(where.preset, where.dtype, where.module)[where.launch]
+    launch = _launches(where.preset, where.dtype, where.module, where.target)[where.launch]
     start = time.perf_counter()
     try:
         info = aot.compile_launch(launch.fn, launch.args, {**launch.kwargs, **launch.configs[where.config]}, target)

@@ -64,6 +64,7 @@ def _visual_kernels(checks: _Checks, cfg) -> None:
     from merv_fast.kernels.pooling import (pool_concat_backward_reference, pool_concat_backward_triton,
                                            pool_concat_reference, pool_concat_triton)
     from merv_fast.kernels.project_fuse import project_fuse_concat
+    from merv_fast.kernels.project_fuse_triton import uses_tma
     from merv_fast.kernels import use_backend
     from merv_fast.model.visual import VisualPath
 
@@ -101,7 +102,10 @@ def _visual_kernels(checks: _Checks, cfg) -> None:
         outs[backend] = (out, mix, grad_w, grad_p)
     errors = {name: _rel(a, b) for name, a, b in zip(("out", "mix", "grad_weight", "grad_pooled"),
                                                        outs["triton"], outs["torch"])}
-    checks.add("project_fuse forward+backward", errors, TOLERANCE[DTYPE], time.perf_counter() - start)
+    # Which variant of its kernels ran: TMA on sm_90 and newer where the tensors allow a descriptor
+    variant = "tma" if uses_tma(pooled, weight, grad_out) else "pointer"
+    checks.add("project_fuse forward+backward", errors, TOLERANCE[DTYPE], time.perf_counter() - start,
+               kernel_variant=variant)
     del visual, feats, grads, refs
 
 

@@ -6,6 +6,10 @@ Inputs are fresh random numbers each run (the seed is in every failure message),
 edges, pooled as a column slice of a wider buffer (non-contiguous), and every kernel output prefilled with NaN so an
 element a kernel leaves unwritten fails. The reference gets the very values the op got (inputs rounded to the test
 dtype, then widened to float64), so the errors measured are the op's own.
+
+The kernels' TMA variant (sm_90) runs here too, pinned with `use_target(90)`: in the interpreter its products give the
+pointer variant's bits (same tiles, same products in the same order), and the whole op through it matches the
+reference.
 """
 
 import random
@@ -15,9 +19,10 @@ import pytest
 import torch
 
 from merv_fast.kernels import project_fuse_triton, use_backend
-from merv_fast.kernels.project_fuse import FusionWeights, project_fuse_concat, project_fuse_reference
+from merv_fast.kernels.dispatch import use_target
+from merv_fast.kernels.project_fuse import FusionWeights, _TorchEngine, project_fuse_concat, project_fuse_reference
 
-from .conftest import DEVICE
+from .conftest import DEVICE, INTERPRETER
 
 PARAM_NAMES = ("weight", "bias", "query", "q_weight", "q_bias", "k_weight", "k_bias")
 # Relative error by norm vs float64. bf16: the interpreter's arithmetic is fp32 (load/store path only); on a GPU
@@ -71,13 +76,16 @@ def leaves(case, names, dtype, device):
     return {n: case[n].to(device=device, dtype=dtype).requires_grad_() for n in names if n in case}
 
 
-def run_fused(case, pooled_grad: bool, grad_layout_transposed=False):
-    """Runs the Triton path: (out, mix, grads by name) in float64; pooled is a column slice of a wider buffer."""
+def run_fused(case, pooled_grad: bool, grad_layout_transposed=False, aligned=False):
+    """Runs the Triton path: (out, mix, grads by name) in float64; pooled is a column slice of a wider buffer, at
+    2 columns in (no TMA descriptor can address it) or, aligned, at 8 columns in a row of K + 16 (one can, for a K
+    that is a multiple of 8)."""
     dtype = case["dtype"]
     b, length, k = case["pooled"].shape
-    wide = torch.full((b, length, k + 5), float("nan"), dtype=dtype, device=DEVICE)
-    wide[..., 2:2 + k] = case["pooled"].to(dtype)
-    pooled = wide[..., 2:2 + k]
+    first, extra = (8, 16) if aligned else (2, 5)
+    wide = torch.full((b, length, k + extra), float("nan"), dtype=dtype, device=DEVICE)
+    wide[..., first:first + k] = case["pooled"].to(dtype)
+    pooled = wide[..., first:first + k]
     assert not pooled.is_contiguous()
     pooled.requires_grad_(pooled_grad)
     params = leaves(case, PARAM_NAMES, dtype, DEVICE)
@@ -206,3 +214,73 @@ def test_mix_output_gradient_reaches_the_fusion_parameters(seed):
         (mix[:, 0] ** 2).sum().backward()
         results.append(params["query"].grad.double().cpu())
     assert relative_error(*results) < SOFTMAX_ONLY_FP32_TOLERANCE, f"seed {seed}"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The TMA variant (sm_90): tensor-descriptor loads and stores in place of per-element pointers.
+# ---------------------------------------------------------------------------------------------------------------
+
+# In the interpreter, or on a GPU that has TMA.
+tma_here = pytest.mark.skipif(DEVICE == "cuda" and not INTERPRETER and torch.cuda.get_device_capability() < (9, 0),
+                              reason="the TMA variant needs sm_90 or newer")
+
+
+def launch_all(pooled, scales, weight, bias_mix, grad_out, target):
+    """The three launchers as built for sm_<target>: forward, weight + mix gradient, pooled gradient."""
+    with use_target(target):
+        out = project_fuse_triton.forward(pooled, scales, weight, bias_mix)
+        grad_weight, mix_cols, colsum = project_fuse_triton.weight_mix_grad(pooled, grad_out, scales, weight, True)
+        grad_pooled = project_fuse_triton.pooled_grad(grad_out, scales, weight)
+    return {"out": out, "grad_weight": grad_weight, "mix_cols": mix_cols, "grad_colsum": colsum,
+            "grad_pooled": grad_pooled}
+
+
+@tma_here
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_tma_variant_gives_the_pointer_variants_result(dtype, seed):
+    """Every output of the three kernels, TMA variant vs pointer variant on the same inputs, and vs the plain torch
+    computation of the same algebra in float64. In the interpreter the products give the same bits; the sums of dY
+    over tokens agree to fp32 rounding only: the order within a tile's `tl.sum` follows the tile's layout, which
+    the TMA variant transposes. On a GPU each variant autotunes on its own, so there they agree to the dtype's
+    tolerance. Shapes cross tile edges in every dimension (one config, 64-wide tiles) and keep every row 16-byte
+    aligned, so the descriptors are legal."""
+    b, length, k, d = 3, 100, 136, 104
+    pooled = torch.randn(b, length, k, device=DEVICE).to(dtype)
+    weight = (torch.randn(d, k, device=DEVICE) * k**-0.5).to(dtype)
+    grad_out = torch.randn(b, length, d, device=DEVICE).to(dtype)
+    scales = torch.rand(b, k, device=DEVICE)
+    bias_mix = torch.randn(b, d, device=DEVICE)
+    with use_target(90):
+        assert project_fuse_triton.uses_tma(pooled, weight, grad_out)
+    tma = launch_all(pooled, scales, weight, bias_mix, grad_out, 90)
+    pointer = launch_all(pooled, scales, weight, bias_mix, grad_out, 80)
+
+    wide = [t.double().cpu() for t in (pooled, scales, weight, bias_mix, grad_out)]
+    out = _TorchEngine.forward(wide[0], wide[1], wide[2], wide[3])
+    grad_weight, mix_cols, colsum = _TorchEngine.weight_mix_grad(wide[0], wide[4], wide[1], wide[2], True)
+    reference = {"out": out, "grad_weight": grad_weight, "mix_cols": mix_cols, "grad_colsum": colsum,
+                 "grad_pooled": _TorchEngine.pooled_grad(wide[4], wide[1], wide[2])}
+    for name, ref in reference.items():
+        got = tma[name].double().cpu()
+        where = f"{name}, {dtype}, seed {seed}"
+        assert torch.isfinite(got).all(), f"unwritten (NaN) elements in the TMA variant's {where}"
+        if INTERPRETER and name != "grad_colsum":
+            assert torch.equal(tma[name], pointer[name]), f"TMA and pointer variants differ: {where}"
+        elif INTERPRETER:
+            assert relative_error(got, pointer[name].double().cpu()) < 1e-6, where
+        else:
+            assert relative_error(got, pointer[name].double().cpu()) < TOLERANCE[dtype], where
+        assert relative_error(got, ref) < TOLERANCE[dtype], f"{relative_error(got, ref):.2e}: {where}"
+
+
+@tma_here
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_tma_variant_through_the_op(dtype, seed):
+    """The whole op and its backward with every kernel in its TMA variant: pooled a 16-byte aligned column slice
+    of a wider buffer, odd channel counts per encoder (their sum a multiple of 8), the output gradient contiguous."""
+    case = make_case((17, 40, 33, 62), 37, 96, 8, dtype)
+    with use_target(90):
+        pooled = torch.zeros(3, 37, 152 + 16, dtype=dtype, device=DEVICE)[..., 8:8 + 152]
+        weight = torch.zeros(96, 152, dtype=dtype, device=DEVICE)
+        assert project_fuse_triton.uses_tma(pooled, weight, torch.zeros(3, 37, 96, dtype=dtype, device=DEVICE))
+        check_against_reference(case, seed, pooled_grad=True, aligned=True)
