@@ -263,10 +263,11 @@ def _train(cfg: TrainConfig, model_cfg: ModelConfig, checkpointer, signals) -> d
     from merv_fast.model.merv import build_model
     from merv_fast.train.checkpoint import read_meta
     from merv_fast.train.optim import build_optimizer
-    from merv_fast.train.stages import freeze_for_stage, load_initial_weights
+    from merv_fast.train.stages import check_stage_fits, freeze_for_stage, load_initial_weights
     from merv_fast.train.rundir import claim, truncate_metrics
     from merv_fast.train.signals import held, ignore_in_worker
 
+    check_stage_fits(cfg.stage, cfg.recipe, model_cfg)  # first: no other setting can make this recipe fit
     cfg.validate()
     cfg.check_init()
     info = init_distributed(cfg.device)
