@@ -15,7 +15,8 @@ The requested backend is one of `auto | triton | torch`, taken from the first of
 Within Triton, a kernel may have a variant for newer GPUs (TMA loads on sm_90). `target_arch(tensor)` says which
 generation a launch is built for: the CUDA device's compute capability (90 for H100), or the one pinned by
 `use_target(arch)` (the AOT check records each target's launches this way; tests run a variant in the
-interpreter); None for CPU tensors. `tma_compatible(tensor)` says whether a TMA descriptor may address a tensor.
+interpreter); None for CPU tensors. `tma_compatible(tensor)` says whether a TMA descriptor may address a tensor;
+`MERV_FAST_TMA=0` turns TMA off everywhere (`tma_allowed`).
 """
 
 from __future__ import annotations
@@ -173,6 +174,15 @@ def target_arch(tensor: torch.Tensor) -> int | None:
 # strides (all but the innermost, which must be 1) are multiples of 16 bytes.
 TMA_MIN_ARCH = 90
 TMA_ALIGNMENT = 16
+
+
+def tma_allowed() -> bool:
+    """`MERV_FAST_TMA=0` keeps every kernel on its pointer variant, on any GPU: a way around a TMA problem on a
+    driver or triton version that the tests have not met, without leaving the Triton kernels altogether."""
+    value = os.environ.get("MERV_FAST_TMA", "1").strip().lower()
+    if value not in ("0", "1", "false", "true", "off", "on", ""):
+        raise BackendError(f"MERV_FAST_TMA={value!r}: use 1 (TMA on sm_90 and newer, the default) or 0 (never)")
+    return value not in ("0", "false", "off")
 
 
 def tma_compatible(tensor: torch.Tensor) -> bool:

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from .aot import launch
-from .dispatch import TMA_MIN_ARCH, interpreter_enabled, target_arch, tma_compatible
+from .dispatch import TMA_MIN_ARCH, interpreter_enabled, target_arch, tma_allowed, tma_compatible
 
 
 def _dot_in_fp32(dtype: torch.dtype) -> bool:
@@ -37,9 +37,11 @@ def _dot_in_fp32(dtype: torch.dtype) -> bool:
 
 def uses_tma(*tensors: torch.Tensor) -> bool:
     """The TMA variant where the launch is built for sm_90 or newer and a descriptor may address every tensor the
-    kernel copies (16-byte aligned base and strides, innermost stride 1); the pointer variant otherwise."""
+    kernel copies (16-byte aligned base and strides, innermost stride 1), unless `MERV_FAST_TMA=0`; the pointer
+    variant otherwise."""
     arch = target_arch(tensors[0])
-    return arch is not None and arch >= TMA_MIN_ARCH and all(tma_compatible(t) for t in tensors)
+    return (arch is not None and arch >= TMA_MIN_ARCH and tma_allowed()
+            and all(tma_compatible(t) for t in tensors))
 
 
 # Poisoning: tests set this so that outputs start as NaN and an element a kernel forgot to write fails the test.

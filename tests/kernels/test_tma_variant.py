@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 
-from merv_fast.kernels.dispatch import target_arch, tma_compatible, use_target
+from merv_fast.kernels.dispatch import BackendError, target_arch, tma_compatible, use_target
 
 triton = pytest.importorskip("triton")
 
@@ -66,6 +66,16 @@ def test_sm90_takes_tma_and_sm80_the_pointer_kernel():
     assert recorded_variants(90, *tensors()) == ALL_TMA
     assert recorded_variants(100, *tensors(dtype=torch.float16)) == ALL_TMA  # newer GPUs keep TMA
     assert recorded_variants(80, *tensors()) == NO_TMA
+
+
+def test_merv_fast_tma_0_keeps_the_pointer_kernel_on_sm90(monkeypatch):
+    monkeypatch.setenv("MERV_FAST_TMA", "0")
+    assert recorded_variants(90, *tensors()) == NO_TMA
+    monkeypatch.setenv("MERV_FAST_TMA", "1")
+    assert recorded_variants(90, *tensors()) == ALL_TMA
+    monkeypatch.setenv("MERV_FAST_TMA", "maybe")
+    with pytest.raises(BackendError, match="MERV_FAST_TMA='maybe'"):
+        recorded_variants(90, *tensors())
 
 
 def test_without_a_target_cpu_tensors_take_the_pointer_kernel():
