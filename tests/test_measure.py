@@ -102,7 +102,7 @@ def test_results_table_markdown(tmp_path):
     assert table[0].startswith("| device | date | area | name |") and len(table) == 4
     date = json.loads(paths[0].read_text())["date"]
     assert f"| h100 | {date} | kernels | op on h100 |" in table[2] and "| 3.0 |" in table[2]
-    assert table[2].endswith(f"| [2026-12-01_h100_x](bench/results/2026-12-01_h100_x.md) |")
+    assert table[2].endswith("| [2026-12-01_h100_x](bench/results/2026-12-01_h100_x.md) |")
 
 
 def test_readme_table_cuts_long_cells_and_leaves_the_config_to_the_results_file(tmp_path):

@@ -243,6 +243,15 @@ def _cpu_rates(files: list[tuple[Path, dict]], ceilings: dict | None) -> tuple[F
             Figure("cpu.memory_bytes_s", copy, f"{source}: copy_gb_s"))
 
 
+def _measured_or(estimate: Figure, key: str, rate, ceilings: dict | None, files: list[tuple[Path, dict]]) -> Figure:
+    """`estimate`'s figure as measured: `rate(ceilings)` from the calling run's ceiling `key`, else from the newest
+    results file that has it; `estimate` itself where nothing measured it."""
+    if ceilings and rate(ceilings):
+        return Figure(estimate.name, rate(ceilings), f"this run's {key} ceiling")
+    hit = _newest(files, lambda d: rate(d.get("ceilings") or {}) if key in (d.get("ceilings") or {}) else None)
+    return Figure(estimate.name, hit[1], f"{hit[0].name}: ceilings.{key}") if hit else estimate
+
+
 def resolve_rates(cluster: Cluster, results: list[str | Path] | None = None,
                   ceilings: dict | None = None) -> Rates:
     """The cluster's rates: measured ceilings (`ceilings` of the calling run, else the newest results file for the
@@ -267,22 +276,12 @@ def resolve_rates(cluster: Cluster, results: list[str | Path] | None = None,
     spec = DEVICES[cluster.gpu]
     name = cluster.gpu
     peak = Figure(f"{name}.peak_bf16_flops", spec.peak_bf16_flops, spec.source)
-    if ceilings and flop_s_ceiling(ceilings):
-        matmul = Figure(f"{name}.matmul_flop_s", flop_s_ceiling(ceilings), "this run's bf16_matmul_tflops ceiling")
-    else:
-        hit = _newest(files, lambda d: flop_s_ceiling(d.get("ceilings") or {}) if
-                      "bf16_matmul_tflops" in (d.get("ceilings") or {}) else None)
-        matmul = (Figure(f"{name}.matmul_flop_s", hit[1], f"{hit[0].name}: ceilings.bf16_matmul_tflops") if hit else
-                  Figure(f"{name}.matmul_flop_s", spec.peak_bf16_flops * MATMUL_SHARE.value,
-                         f"{peak.name} x MATMUL_SHARE ({MATMUL_SHARE.source})"))
-    if ceilings and bytes_s_ceiling(ceilings):
-        copy = Figure(f"{name}.memory_bytes_s", bytes_s_ceiling(ceilings), "this run's copy_tb_s ceiling")
-    else:
-        hit = _newest(files, lambda d: bytes_s_ceiling(d.get("ceilings") or {}) if
-                      "copy_tb_s" in (d.get("ceilings") or {}) else None)
-        copy = (Figure(f"{name}.memory_bytes_s", hit[1], f"{hit[0].name}: ceilings.copy_tb_s") if hit else
-                Figure(f"{name}.memory_bytes_s", spec.memory_bytes_s * COPY_SHARE.value,
-                       f"{name}.memory_bytes_s datasheet x COPY_SHARE ({spec.source})"))
+    matmul = _measured_or(Figure(f"{name}.matmul_flop_s", spec.peak_bf16_flops * MATMUL_SHARE.value,
+                                 f"{peak.name} x MATMUL_SHARE ({MATMUL_SHARE.source})"),
+                          "bf16_matmul_tflops", flop_s_ceiling, ceilings, files)
+    copy = _measured_or(Figure(f"{name}.memory_bytes_s", spec.memory_bytes_s * COPY_SHARE.value,
+                               f"{name}.memory_bytes_s datasheet x COPY_SHARE ({spec.source})"),
+                        "copy_tb_s", bytes_s_ceiling, ceilings, files)
     attention = Figure(f"{name}.attention_flop_s", matmul.value * ATTENTION_SHARE.value,
                        f"{matmul.name} x ATTENTION_SHARE ({ATTENTION_SHARE.source})")
     intra = Figure(f"{name}.intra_bytes_s", spec.intra_node_bytes_s * LINK_EFFICIENCY.value,

@@ -25,7 +25,7 @@ from merv_fast.kernels.fused_linear_ce import CHUNK_ELEMENTS
 from merv_fast.model.flops import encoder_flop_parts, sample_flops
 from merv_fast.plan.hardware import Cluster, Figure, Rates
 from merv_fast.plan.memory import layer_linear_params
-from merv_fast.plan.shapes import ModelShapes, Unit
+from merv_fast.plan.shapes import ModelShapes
 from merv_fast.plan.workload import Workload
 
 BACKWARD_FACTOR = Figure("BACKWARD_FACTOR", 2.0, "a backward pass does twice its forward's products (input and "

@@ -16,7 +16,6 @@ and leaves the weights and optimizer state untouched (the scheduler still advanc
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 

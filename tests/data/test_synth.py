@@ -52,7 +52,7 @@ def test_moving_content_not_static():
 
 def test_same_seed_same_data_other_seed_differs(tmp_path):
     a = synthesize(tmp_path / "a", videos=3, images=2, seed=5)
-    b = synthesize(tmp_path / "b", videos=3, images=2, seed=5)
+    synthesize(tmp_path / "b", videos=3, images=2, seed=5)
     c = synthesize(tmp_path / "c", videos=3, images=2, seed=6)
     assert (tmp_path / "a/data.json").read_text() == (tmp_path / "b/data.json").read_text()
     for rel in a["videos"]:

@@ -326,7 +326,7 @@ def _assert_failed_save_kept_the_previous(text: str, out: Path, words: str, on_d
     on_disk = on_disk or out
     error = [line for line in text.splitlines() if line.startswith("merv-fast train: error:")]
     assert len(error) == 1, text[-3000:]
-    assert f"checkpoint step-00000002: writing" in error[0] and str(out / "step-00000002.tmp") in error[0]
+    assert "checkpoint step-00000002: writing" in error[0] and str(out / "step-00000002.tmp") in error[0]
     assert words in error[0] and "the previous checkpoint (step-00000001) and `latest` are unchanged" in error[0]
     assert (on_disk / "latest").read_text().strip() == STEP_1
     assert sorted(p.name for p in on_disk.glob("step-*")) == [STEP_1]
