@@ -38,17 +38,28 @@ def installed() -> dict[str, str]:
     return found
 
 
-def requirement_names() -> list[str]:
-    """merv-fast's declared requirements, extras included, in declaration order (canonical names); what the package
-    itself names when it is not installed (a source tree on sys.path): torch and transformers."""
+def _declared() -> list[tuple[str, str | None]]:
+    """(canonical name, the extra that asks for it or None) for each declared requirement, in declaration order;
+    what the package itself names when it is not installed (a source tree on sys.path): torch and transformers."""
     try:
         requires = metadata.requires(DISTRIBUTION) or []
     except metadata.PackageNotFoundError:
-        return ["torch", "transformers"]
-    names = []
+        return [("torch", None), ("transformers", None)]
+    declared = []
     for line in requires:
         name = _canonical(re.split(r"[\s;<>=!~\[(]", line.strip(), maxsplit=1)[0])
-        if name and name not in names:
+        extra = re.search(r"extra\s*==\s*[\"']([^\"']+)[\"']", line)
+        if name:
+            declared.append((name, extra.group(1) if extra else None))
+    return declared
+
+
+def requirement_names(extras: tuple[str, ...] | None = None) -> list[str]:
+    """merv-fast's declared requirements (canonical names, each once): every extra's, or with `extras` the core ones
+    and those extras' only."""
+    names = []
+    for name, extra in _declared():
+        if (extras is None or extra is None or extra in extras) and name not in names:
             names.append(name)
     return names
 
@@ -57,6 +68,20 @@ def requirement_versions() -> dict[str, str | None]:
     """Each requirement -> its installed version (None: not installed, e.g. an extra that was not asked for)."""
     have = installed()
     return {name: have.get(name) for name in requirement_names()}
+
+
+def test_setup_problem(have: dict[str, str] | None = None) -> str | None:
+    """Why this Python cannot run the tests (merv-fast or a core or `test` requirement not installed in it), in one
+    message that says what to do; None when it can. `have`: the installed distributions (default: this Python's)."""
+    have = installed() if have is None else have
+    missing = [n for n in [_canonical(DISTRIBUTION), *requirement_names(("test",))] if n not in have]
+    if not missing:
+        return None
+    return (f"the tests need merv-fast and its test requirements installed in the Python that runs them "
+            f"({sys.executable}), which lacks: {', '.join(missing)}. Install them from the checkout's root with "
+            f"README.md's quick start, `pip install torch==2.13.0 && pip install --no-build-isolation -e "
+            f"\".[test,video]\"` (skip the torch install where torch is there), in a virtual environment, and run "
+            f"`python -m pytest -q -x tests bench` with that environment's Python")
 
 
 def format_versions(versions: dict[str, str | None]) -> str:

@@ -47,3 +47,27 @@ def test_env_starts_with_the_requirements(capsys):
     assert main(["env"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].startswith("requirements") and "transformers" in lines[1]
+
+
+def test_a_python_without_the_test_requirements_is_told_what_to_install():
+    have = dependencies.installed()
+    assert dependencies.test_setup_problem(have) is None  # the Python running this test has them all
+    lacking = {name: v for name, v in have.items() if name not in ("torch", "pytest-benchmark")}
+    problem = dependencies.test_setup_problem(lacking)
+    assert "lacks: torch, pytest-benchmark." in problem
+    # the install line it gives is the README's quick start, character for character
+    install = 'pip install torch==2.13.0 && pip install --no-build-isolation -e ".[test,video]"'
+    assert f"`{install}`" in problem and install in (ROOT / "README.md").read_text()
+
+
+def test_the_test_setup_check_runs_in_a_python_with_nothing_installed():
+    """The root conftest.py loads merv_fast/dependencies.py by path and runs its check before any other conftest:
+    here in a Python without site-packages (`-S`: no torch, no pytest, no merv_fast), from outside the checkout."""
+    code = ("import importlib.util, sys\n"
+            "spec = importlib.util.spec_from_file_location('check', sys.argv[1])\n"
+            "module = importlib.util.module_from_spec(spec)\nspec.loader.exec_module(module)\n"
+            "print(module.test_setup_problem())\n")
+    done = subprocess.run([sys.executable, "-S", "-c", code, str(ROOT / "merv_fast" / "dependencies.py")],
+                          cwd="/", capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert "lacks: merv-fast, torch, transformers." in done.stdout, done.stdout
