@@ -1,4 +1,4 @@
-"""Repo-wide pytest hooks: a Python that lacks merv-fast or a test requirement is told what to install; the session
+"""Repo-wide pytest hooks: a Python that lacks merv-fast or one of its requirements is told what to install; the session
 header names every requirement's installed version (when a new release of a dependency breaks the suite, the log's
 first lines say which); tests marked `gpu` are skipped without CUDA."""
 

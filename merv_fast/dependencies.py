@@ -71,13 +71,15 @@ def requirement_versions() -> dict[str, str | None]:
 
 
 def test_setup_problem(have: dict[str, str] | None = None) -> str | None:
-    """Why this Python cannot run the tests (merv-fast or a core or `test` requirement not installed in it), in one
-    message that says what to do; None when it can. `have`: the installed distributions (default: this Python's)."""
+    """Why this Python cannot run the tests (merv-fast or one of its core requirements not installed in it), in one
+    message that says what to do; None when it can. `have`: the installed distributions (default: this Python's).
+    The extras' packages are not required: the tests that need one skip without it (a GPU machine's image may lack
+    decord or kernels and still runs the GPU tests)."""
     have = installed() if have is None else have
-    missing = [n for n in [_canonical(DISTRIBUTION), *requirement_names(("test",))] if n not in have]
+    missing = [n for n in [_canonical(DISTRIBUTION), *requirement_names(extras=())] if n not in have]
     if not missing:
         return None
-    return (f"the tests need merv-fast and its test requirements installed in the Python that runs them "
+    return (f"the tests need merv-fast and its requirements installed in the Python that runs them "
             f"({sys.executable}), which lacks: {', '.join(missing)}. Install them from the checkout's root with "
             f"README.md's quick start, `pip install torch==2.13.0 && pip install --no-build-isolation -e "
             f"\".[test,video]\"` (skip the torch install where torch is there), in a virtual environment, and run "
